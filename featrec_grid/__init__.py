@@ -1,0 +1,42 @@
+"""featrec_grid: what do a classifier's logits still know about its features and its input?
+
+Public API (imported lazily so `featrec-grid --help` stays fast):
+    load_spec, run_grid, plan          specs and the Ray grid
+    Store, load_split                  the Arrow shard store
+    fit_ridge, fit_sgd, LinearMap, Moments, RidgeSolver   linear maps
+    pair_metrics, PairMetrics          reconstruction metrics
+    CKA, linear_cka, kernel_cka        representation similarity
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_spec": "spec",
+    "GridSpec": "spec",
+    "run_grid": "grid",
+    "plan": "grid",
+    "Store": "store",
+    "load_split": "store",
+    "fit_ridge": "linmap",
+    "fit_sgd": "linmap",
+    "LinearMap": "linmap",
+    "Moments": "linmap",
+    "RidgeSolver": "linmap",
+    "pair_metrics": "metrics",
+    "PairMetrics": "metrics",
+    "CKA": "cka",
+    "linear_cka": "cka",
+    "kernel_cka": "cka",
+    "UserError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'featrec_grid' has no attribute {name!r}")
