@@ -1,0 +1,121 @@
+"""featrec-grid: Click commands. Each parses, calls one function, prints; errors a user can fix exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import UserError
+
+
+class _Group(click.Group):
+    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featrec_grid")
+def main() -> None:
+    """What do a classifier's logits still know? Fit linear maps from every model's logits to every
+    model's penultimate features (an N x N grid on Ray) and report agreement, R2, MSE and CKA.
+
+    Start with `featrec-grid run grid_specs/demo.yaml`: it runs offline on the bundled digits and
+    ImageNet-pretrained EfficientNet-Lite models and prints the path of the HTML report.
+    """
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default: the spec's `output`).")
+@click.option("--address", help="Join this Ray cluster ('auto' or host:port); default: a fresh single-node Ray.")
+@click.option("--store", "store_uri", help="Store location overriding the spec's (a path, s3://... or gs://...).")
+@click.option("--rebuild", is_flag=True, help="Recompute shards (also corrupt ones) and pairs instead of reusing them.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar over tasks.")
+def run(
+    spec: str, output: str | None, address: str | None, store_uri: str | None, rebuild: bool, progress: bool
+) -> None:
+    """Run the grid in SPEC: extract, fit every pair, reduce, write the report.
+
+    Exit codes: 0 done; 1 some tasks failed (finished work kept, rerun resumes); 2 bad input.
+    """
+    from dataclasses import replace
+
+    from .grid import run_grid
+    from .spec import absolute_location, load_spec
+
+    grid_spec = load_spec(spec)
+    if store_uri:
+        grid_spec = replace(grid_spec, store=absolute_location(store_uri))
+    outcome = run_grid(grid_spec, address=address, output=output, rebuild=rebuild, progress=progress, echo=click.echo)
+    if outcome.user_error:
+        raise UserError(outcome.user_error)
+    click.echo(f"report: {outcome.report}")
+    sys.exit(outcome.exit_code)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+def plan(spec: str) -> None:
+    """Validate SPEC and print the tasks a run would schedule, without running anything."""
+    from .grid import plan as make_plan
+    from .spec import load_spec
+
+    grid_spec = load_spec(spec)
+    tasks = make_plan(grid_spec)
+    click.echo(f"spec {grid_spec.name}: {len(grid_spec.models)} models, {len(grid_spec.pairs)} pairs, "
+               f"methods {', '.join(grid_spec.fit.methods)}")
+    click.echo(f"store  {grid_spec.store}\noutput {grid_spec.output}")
+    for t in tasks:
+        click.echo(f"  {t.name}")
+    click.echo(f"{len(tasks)} tasks")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: the project against its named baseline in one process, printed as ratios."""
+
+
+def _emit(result: dict, as_json: bool, formatter) -> None:
+    click.echo(json.dumps(result, indent=1, default=str) if as_json else formatter(result))
+
+
+@bench.command("fit")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--store", default="store", show_default=True, help="Store holding the demo shards (run the demo first).")
+@click.option("--rows", default=50_000, show_default=True, help="Rows of the synthetic CIFAR-100-sized case.")
+@click.option("--epochs", default=100, show_default=True, help="Epochs of the seed's SGD recipe.")
+def bench_fit(as_json: bool, store: str, rows: int, epochs: int) -> None:
+    """Closed-form ridge vs the seed's SGD recipe: per pair (demo shards, synthetic 50k x 1000 -> 512) and per grid."""
+    from .bench.fit import format_fit_bench, run_fit_bench
+
+    _emit(run_fit_bench(store=store, rows=rows, epochs=epochs), as_json, format_fit_bench)
+
+
+@bench.command("extract")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench_extract(as_json: bool) -> None:
+    """Extraction into the store vs a bare forward loop over the same model and data."""
+    from .bench.extract import format_extract_bench, run_extract_bench
+
+    _emit(run_extract_bench(), as_json, format_extract_bench)
+
+
+@bench.command("cka")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench_cka(as_json: bool) -> None:
+    """Our CKA vs torch-cka on ResNet18 vs ResNet34: time, bare forward time, error against float64."""
+    from .bench.cka import format_cka_bench, run_cka_bench
+
+    _emit(run_cka_bench(), as_json, format_cka_bench)
+
+
+if __name__ == "__main__":
+    main()
