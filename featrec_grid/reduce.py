@@ -1,0 +1,116 @@
+"""Task results -> pandas tables -> results.parquet, agreement.csv/.json, models.parquet, spec.resolved.yaml.
+
+Each finished pair is saved at once as pairs/<source>__<target>__<method>.json (atomic), so an interrupted
+run keeps its work and a rerun reuses it when the pair's key (inputs and fit settings) is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+RESULT_COLUMNS = [
+    "source", "target", "train_dataset", "train_split", "test_dataset", "test_split", "method", "alpha",
+    "train_rows", "test_rows", "mse", "mse_total_seed", "r2", "agreement", "cosine", "accuracy_real",
+    "accuracy_recon", "fit_seconds", "seconds",
+]  # fmt: skip
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pair_path(output: Path, source: str, target: str, method: str) -> Path:
+    return Path(output) / "pairs" / f"{source}__{target}__{method}.json"
+
+
+def save_pair(output: Path, row: dict[str, Any], key: str) -> None:
+    """Persist one finished pair with the key it was computed under."""
+    path = pair_path(output, row["source"], row["target"], row["method"])
+    write_atomic(path, json.dumps({"key": key, "row": row}, default=_json_default, indent=1).encode())
+
+
+def load_pair(output: Path, source: str, target: str, method: str, key: str) -> dict[str, Any] | None:
+    """A stored pair row if it exists, parses and was computed under `key`; otherwise None (recompute)."""
+    path = pair_path(output, source, target, method)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["row"] if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def results_frame(rows: Iterable[dict[str, Any]], versions: dict[str, str]) -> pd.DataFrame:
+    """One row per (pair, method) with the contract's columns first; versions as one JSON column."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return pd.DataFrame(columns=[*RESULT_COLUMNS, "versions"])
+    if "alpha_scores" in df:
+        df["alpha_scores"] = df["alpha_scores"].map(lambda s: json.dumps(s or {}))
+    df["versions"] = json.dumps(versions, sort_keys=True)
+    extra = [c for c in df.columns if c not in RESULT_COLUMNS]
+    return df[[c for c in RESULT_COLUMNS if c in df.columns] + extra]
+
+
+def matrix(results: pd.DataFrame, metric: str, method: str, order: Sequence[str]) -> pd.DataFrame:
+    """N x N table of one metric: rows are sources (logits), columns targets (features)."""
+    sub = results[results["method"] == method]
+    table = sub.pivot(index="source", columns="target", values=metric)
+    return table.reindex(index=list(order), columns=list(order))
+
+
+def write_outputs(
+    output: Path,
+    *,
+    results: pd.DataFrame,
+    models: pd.DataFrame,
+    resolved_spec: dict[str, Any],
+    methods: Sequence[str],
+    order: Sequence[str],
+) -> dict[str, Path]:
+    """Write every table of a grid run under `output`; returns their paths by name."""
+    output = Path(output)
+    paths = {
+        "results": output / "results.parquet",
+        "models": output / "models.parquet",
+        "spec": output / "spec.resolved.yaml",
+    }
+    write_atomic(paths["results"], results.to_parquet(index=False))
+    write_atomic(paths["models"], models.to_parquet(index=False))
+    write_atomic(paths["spec"], yaml.safe_dump(resolved_spec, sort_keys=False).encode())
+    for i, method in enumerate(methods):
+        agree = matrix(results, "agreement", method, order)
+        stem = "agreement" if i == 0 else f"agreement_{method}"
+        paths[stem] = output / f"{stem}.csv"
+        write_atomic(paths[stem], agree.to_csv().encode())
+        if i == 0:
+            nested = {
+                s: {t: (None if pd.isna(v) else float(v)) for t, v in agree.loc[s].items()} for s in agree.index
+            }
+            paths["agreement_json"] = output / "agreement.json"
+            write_atomic(paths["agreement_json"], json.dumps(nested, indent=1).encode())
+    return paths

@@ -1,0 +1,173 @@
+"""The grid end to end on one local Ray: results against an independent fit, reuse, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.feather as feather
+import pytest
+from safetensors.numpy import load_file
+from sklearn.linear_model import Ridge
+
+from featrec_grid.grid import run_grid
+from featrec_grid.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+MODELS = """
+models:
+  mlp: {source: zoo, architecture: mlp, options: {epochs: 3}}
+  cnn: {source: zoo, architecture: cnn, options: {epochs: 2}}
+  lite0: {source: lite, architecture: tf_efficientnet_lite0, options: {img_size: 32}}
+data:
+  train: {dataset: digits, split: train}
+  test: {dataset: digits, split: test}
+"""
+
+
+def _spec(tmp, name, extra, output=None):
+    path = tmp / f"{name}.yaml"
+    out = output or tmp / name
+    path.write_text(f"name: {name}\nstore: {tmp / 'store'}\noutput: {out}\n" + MODELS + textwrap.dedent(extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("grid")
+    spec = load_spec(_spec(tmp, "g", "fit: {method: [ridge, sgd], alpha: [0, 1, 100], sgd: {epochs: 3}}\n"))
+    lines = []
+    outcome = run_grid(spec, progress=False, echo=lines.append)
+    return tmp, spec, outcome, lines
+
+
+def _arrays(store_dir, model, split):
+    """Read a shard set with pyarrow alone, as a user without this package would."""
+    folder = store_dir / "shards" / "digits" / split / model
+    manifest = json.loads((folder / "manifest.json").read_text())
+    tables = [feather.read_table(folder / f["path"]) for f in manifest["files"]]
+    cols = {c: np.concatenate([np.stack(t[c].to_numpy(zero_copy_only=False)) if c in ("logits", "features")
+                               else t[c].to_numpy() for t in tables]) for c in ("index", "label", "logits", "features")}
+    return cols
+
+
+def test_outputs_and_counts(grid):
+    tmp, spec, outcome, lines = grid
+    assert outcome.exit_code == 0, outcome.failures
+    assert lines[-1] == "pairs: computed=18 reused=0 failed=0"
+    out = tmp / "g"
+    results = pd.read_parquet(out / "results.parquet")
+    assert len(results) == 18 and set(results["method"]) == {"ridge", "sgd"}
+    for col in ["source", "target", "train_dataset", "train_split", "test_dataset", "test_split", "alpha",
+                "train_rows", "test_rows", "mse", "mse_total_seed", "r2", "agreement", "cosine", "seconds", "versions"]:
+        assert col in results.columns
+    assert (results["train_rows"] == 1257).all() and (results["test_rows"] == 540).all()
+    agree = pd.read_csv(out / "agreement.csv", index_col=0)
+    nested = json.loads((out / "agreement.json").read_text())
+    assert agree.shape == (3, 3)
+    for s in agree.index:
+        for t in agree.columns:
+            row = results[(results.source == s) & (results.target == t) & (results.method == "ridge")]
+            assert nested[s][t] == pytest.approx(float(row["agreement"].iloc[0]))
+            assert agree.loc[s, t] == pytest.approx(float(row["agreement"].iloc[0]))
+    models = pd.read_parquet(out / "models.parquet")
+    assert set(models["model"]) == {"mlp", "cnn", "lite0"}
+    lite = models.set_index("model").loc["lite0"]
+    assert lite["logits_dim"] == 1000 and lite["features_dim"] == 1280
+    assert (out / "spec.resolved.yaml").read_text().count(str(tmp / "store")) == 1
+    assert (out / "index.html").stat().st_size > 100_000
+
+
+def test_ridge_results_match_independent_fit(grid):
+    """Refit every ridge pair with scikit-learn on the shards read by pyarrow; metrics computed in numpy."""
+    tmp, spec, outcome, _ = grid
+    results = outcome.results.set_index(["source", "target", "method"])
+    for s, t in spec.pairs:
+        row = results.loc[(s, t, "ridge")]
+        ztr, ftr = _arrays(tmp / "store", s, "train")["logits"], _arrays(tmp / "store", t, "train")["features"]
+        te_s, te_t = _arrays(tmp / "store", s, "test"), _arrays(tmp / "store", t, "test")
+        z64, f64 = ztr.astype(np.float64), ftr.astype(np.float64)
+        alpha = float(row["alpha"])
+        if alpha == 0:  # minimum-norm least squares; singular values below 1e-5 of the largest dropped (README)
+            zc = z64 - z64.mean(0)
+            coef = np.linalg.lstsq(zc, f64 - f64.mean(0), rcond=1e-5)[0]
+            f_hat = (te_s["logits"] - z64.mean(0)) @ coef + f64.mean(0)
+        else:
+            f_hat = Ridge(alpha=alpha, solver="svd").fit(z64, f64).predict(te_s["logits"].astype(np.float64))
+        f = te_t["features"].astype(np.float64)
+        mse = np.mean((f - f_hat) ** 2)
+        r2 = 1 - ((f - f_hat) ** 2).sum() / ((f - f.mean(0)) ** 2).sum()
+        h = load_file(tmp / "store" / "shards" / "digits" / "test" / t / "head.safetensors")
+        agree = np.mean((f @ h["weight"].T + h["bias"]).argmax(1) == (f_hat @ h["weight"].T + h["bias"]).argmax(1))
+        assert row["mse"] == pytest.approx(mse, rel=1e-3), (s, t)
+        assert row["r2"] == pytest.approx(r2, rel=1e-3, abs=1e-4), (s, t)
+        assert row["agreement"] == pytest.approx(agree, abs=2 / 540), (s, t)
+
+
+def test_closed_form_beats_sgd_and_self_pairs_agree(grid):
+    _, spec, outcome, _ = grid
+    r = outcome.results.set_index(["source", "target", "method"])
+    for s, t in spec.pairs:
+        assert r.loc[(s, t, "ridge"), "mse"] <= r.loc[(s, t, "sgd"), "mse"] * (1 + 1e-9), (s, t)
+
+
+def test_self_pairs_agree_exactly_with_least_squares(grid, tmp_path):
+    """alpha = 0: B's head on the reconstruction reproduces B's logits, so agreement is 1.0 (DESIGN.md)."""
+    tmp, *_ = grid
+    spec = load_spec(_spec(tmp, "self", "pairs: self\nfit: {alpha: 0}\n"))
+    lines = []
+    outcome = run_grid(spec, progress=False, echo=lines.append)
+    assert outcome.exit_code == 0 and lines[-1] == "pairs: computed=3 reused=0 failed=0"
+    assert (outcome.results["agreement"] == 1.0).all(), outcome.results[["source", "agreement"]]
+    assert (outcome.results["alpha"] == 0).all()
+
+
+def test_rerun_reuses_everything(grid):
+    tmp, spec, _, _ = grid
+    lines = []
+    outcome = run_grid(spec, progress=False, echo=lines.append)
+    assert lines[-1] == "pairs: computed=0 reused=18 failed=0"
+    assert len(outcome.results) == 18
+
+
+def test_kill_midway_then_resume(grid):
+    """SIGKILL the driver while pairs are being fitted; the rerun computes only what was not saved."""
+    tmp, *_ = grid
+    out = tmp / "killed"
+    spec = _spec(tmp, "killed", "fit: {method: sgd, sgd: {epochs: 40}}\n", output=out)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [sys.executable, "-m", "featrec_grid.cli", "run", str(spec), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "pairs").glob("*.json")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved = len(list((out / "pairs").glob("*.json")))
+    assert 1 <= saved < 9, "the kill should land mid-grid"
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"pairs: computed={9 - saved} reused={saved} failed=0" in rerun.stdout
+
+
+def test_grid_report_renders_in_chromium(grid):
+    """The real grid's report: three heatmaps drawn, every model labelled, no console or page errors."""
+    from browser import inspect_html
+
+    _, spec, outcome, _ = grid
+    seen = inspect_html(
+        outcome.report,
+        [".js-plotly-plot", ".js-plotly-plot .heatmaplayer"],
+        wait_for="document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3",
+    )
+    assert seen.counts[".js-plotly-plot"] >= 3 and seen.counts[".js-plotly-plot .heatmaplayer"] >= 3
+    assert not seen.console_errors and not seen.page_errors and not seen.dialogs and not seen.external_requests
+    for key in spec.models:
+        assert key in seen.text
