@@ -202,6 +202,7 @@ def parse_spec(raw: Any, path: str = "<spec>") -> GridSpec:
 
     models = _models(ck, raw["models"])
     train, test = _data(ck, raw["data"])
+    _check_zoo_split(ck, models, (train, test))
     pairs = _pairs(ck, raw.get("pairs", "all"), list(models))
     fit = _fit(ck, raw.get("fit") or {})
     resources = _resources(ck, raw.get("resources") or {})
@@ -281,6 +282,22 @@ def _data(ck: _Checker, value: Any) -> tuple[DataRef, DataRef]:
     if refs[0] == refs[1]:
         raise ck.fail("data.test", "is the same split as data.train; test on held-out data")
     return refs[0], refs[1]
+
+
+def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], data: tuple[DataRef, DataRef]) -> None:
+    """Zoo models train on one digits split; evaluating them on another would test on training rows."""
+    for d, part in zip(data, ("train", "test"), strict=True):
+        if d.dataset != "digits":
+            continue
+        seed, fraction = d.options.get("seed", 0), d.options.get("test_fraction", 0.3)
+        for key, m in models.items():
+            if m.source == "zoo" and (m.options.get("data_seed", 0) != seed or fraction != 0.3):
+                raise ck.fail(
+                    f"data.{part}.options",
+                    f"digits split (seed {seed}, test_fraction {fraction}) differs from the one zoo model {key!r} "
+                    f"trains on (seed {m.options.get('data_seed', 0)}, test_fraction 0.3): its test rows would "
+                    "overlap its training rows; set the model's options.data_seed to the same seed",
+                )
 
 
 def _pairs(ck: _Checker, value: Any, keys: list[str]) -> tuple[tuple[str, str], ...]:

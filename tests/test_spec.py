@@ -56,6 +56,8 @@ BAD = [
     (GOOD + "fit: {{method: lbfgs}}\n", "fit.method: 'lbfgs' is not one of ridge, sgd"),
     (GOOD + "resources: {{num_cpus: 0}}\n", "resources.num_cpus: 0 is not an integer >= 1"),
     (GOOD.replace("split: test", "split: train"), "data.test: is the same split as data.train"),
+    (GOOD.replace("split: test}}", "split: test, options: {{seed: 3}}}}"),
+     "data.test.options: digits split (seed 3, test_fraction 0.3) differs from the one zoo model 'a' trains on"),
 ]
 
 
