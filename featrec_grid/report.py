@@ -29,7 +29,9 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "agreement": ("Top-1 agreement", "Viridis", ".3f"),
     "r2": ("R²", "Viridis", ".3f"),
     "mse": ("MSE", "Viridis_r", ".3g"),
+    "cka": ("Linear CKA", "Viridis", ".3f"),
 }
+PAIR_METRICS = ("agreement", "r2", "mse")  # the N x N heatmaps of every grid report
 SETTING_COLUMNS = ("method", "train_dataset", "train_split", "test_dataset", "test_split")
 MAX_ANNOTATED = 12  # write the values into the cells up to this many models
 _PERCENT = {"agreement", "accuracy_real", "accuracy_recon", "test_accuracy"}
@@ -61,7 +63,7 @@ def write_report(
     sections: Sequence[Section] = (),
 ) -> Path:
     """Write output_dir/index.html (atomically) and return its path; plotly.js is inlined once, nothing is fetched."""
-    _require(results, ("source", "target", *METRICS), "results")
+    _require(results, ("source", "target", *PAIR_METRICS), "results")
     _require(models, ("model", "family"), "models")
     known = set(models["model"].astype(str))
     unknown = sorted((set(results["source"].astype(str)) | set(results["target"].astype(str))) - known)
@@ -74,7 +76,7 @@ def write_report(
     family = dict(zip(models["model"].astype(str), models["family"].fillna("unknown").astype(str), strict=True))
     ids = (f"figure-{i}" for i in itertools.count())
     heatmaps = "".join(_figure_div(heatmap_figure(results, metric, order, [family[m] for m in order]), next(ids))
-                       for metric in METRICS) if len(results) else "<p>No pair results.</p>"
+                       for metric in PAIR_METRICS) if len(results) else "<p>No pair results.</p>"
     parts = [
         _header(title, results, order),
         _section("heatmaps", "Heatmaps", f'<div class="heatmaps">{heatmaps}</div>'),
@@ -121,42 +123,54 @@ def heatmap_figure(results: pd.DataFrame, metric: str, order: Sequence[str],
     """N x N heatmap of one metric (rows = source A, columns = target B, in `order`), one trace per setting
     (method, fit and test data) with a menu to switch; exact values on hover, rounded ones in small grids;
     white lines between blocks of equal `families` (parallel to `order`)."""
-    title, colorscale, cell_format = METRICS[metric]
-    labels = [plotly_text(m) for m in order]
     settings = _settings(results)
     common, names = _setting_names([key for key, _ in settings])
+    matrices = {
+        name: frame.assign(source=frame["source"].astype(str), target=frame["target"].astype(str))
+        .pivot(index="source", columns="target", values=metric)
+        for name, (_, frame) in zip(names, settings, strict=True)
+    }
+    return matrix_figure(matrices, order, metric=metric, subtitle=common, families=families)
+
+
+def matrix_figure(matrices: Mapping[str, pd.DataFrame], order: Sequence[str], *, metric: str, subtitle: str = "",
+                  families: Sequence[str] | None = None,
+                  axes: tuple[str, str] = ("source A: logits used", "target B: features reconstructed"),
+                  hover: tuple[str, str] = ("source A (logits)", "target B (features)")) -> go.Figure:
+    """Square heatmaps of labelled matrices (index = rows, columns = columns, reindexed to `order`), one trace per
+    entry of `matrices` with a menu to switch between them when there are several; `metric` keys METRICS."""
+    title, colorscale, cell_format = METRICS[metric]
+    labels = [plotly_text(m) for m in order]
     n = len(order)
     side, width, height = heatmap_size(order)
     axis = {"automargin": True, "constrain": "domain", "showgrid": False, "tickfont": {"size": 11 if n <= 20 else 9}}
+    row_name, col_name = (plotly_text(a) for a in axes)
+    row_hover, col_hover = (plotly_text(a) for a in hover)
     fig = go.Figure()
-    for i, (_, frame) in enumerate(settings):
-        values = (frame.assign(source=frame["source"].astype(str), target=frame["target"].astype(str))
-                  .pivot(index="source", columns="target", values=metric)
-                  .reindex(index=list(order), columns=list(order))
-                  .to_numpy(dtype=float, na_value=np.nan))
+    for i, (name, table) in enumerate(matrices.items()):
+        values = table.reindex(index=list(order), columns=list(order)).to_numpy(dtype=float, na_value=np.nan)
         lo, hi = _color_range(metric, values)
         fig.add_trace(go.Heatmap(
             z=[[None if math.isnan(v) else float(v) for v in row] for row in values],
             x=labels, y=labels, customdata=[["n/a" if math.isnan(v) else repr(float(v)) for v in row] for row in values],
-            name=plotly_text(names[i]), visible=i == 0, colorscale=colorscale, zmin=lo, zmax=hi, hoverongaps=False,
-            hovertemplate=f"source A (logits): %{{y}}<br>target B (features): %{{x}}<br>{title}: %{{customdata}}<extra></extra>",
+            name=plotly_text(name), visible=i == 0, colorscale=colorscale, zmin=lo, zmax=hi, hoverongaps=False,
+            hovertemplate=f"{row_hover}: %{{y}}<br>{col_hover}: %{{x}}<br>{title}: %{{customdata}}<extra></extra>",
             texttemplate=f"%{{z:{cell_format}}}" if n <= MAX_ANNOTATED else None,
             textfont={"size": 11 if n <= 6 else 9},
             colorbar={"thickness": 14, "lenmode": "pixels", "len": side, "y": 1, "yanchor": "top"},
         ))
     fig.update_layout(
         template="plotly_white", width=width, height=height, margin={"t": 100, "l": 10, "r": 10, "b": 10},
-        title={"text": f"<b>{title}</b><br><span style='font-size:12px'>{plotly_text(common)}</span>",
+        title={"text": f"<b>{title}</b><br><span style='font-size:12px'>{plotly_text(subtitle)}</span>",
                "x": 0.02, "xanchor": "left", "y": 1.0, "yanchor": "top", "pad": {"t": 14}},
-        xaxis={"type": "category", "title": {"text": "target B: features reconstructed"}, "tickangle": -40,
-               "constraintoward": "left", **axis},
-        yaxis={"type": "category", "title": {"text": "source A: logits used"}, "autorange": "reversed",
+        xaxis={"type": "category", "title": {"text": col_name}, "tickangle": -40, "constraintoward": "left", **axis},
+        yaxis={"type": "category", "title": {"text": row_name}, "autorange": "reversed",
                "scaleanchor": "x", "constraintoward": "top", **axis},
         shapes=[line for k in _block_starts(families or []) for line in _block_lines(k - 0.5, n)],
     )
-    if len(settings) > 1:
+    if len(matrices) > 1:
         buttons = [{"label": plotly_text(name), "method": "restyle",
-                    "args": [{"visible": [j == i for j in range(len(settings))]}]} for i, name in enumerate(names)]
+                    "args": [{"visible": [j == i for j in range(len(matrices))]}]} for i, name in enumerate(matrices)]
         fig.update_layout(updatemenus=[{"buttons": buttons, "direction": "down", "showactive": True,
                                         "x": 0.0, "xanchor": "left", "y": 1.0, "yanchor": "bottom",
                                         "pad": {"b": 6}, "font": {"size": 11}}])
@@ -255,7 +269,7 @@ def _block_lines(at: float, n: int) -> list[dict[str, Any]]:
 
 
 def _color_range(metric: str, values: np.ndarray) -> tuple[float | None, float | None]:
-    if metric == "agreement":
+    if metric in ("agreement", "cka"):
         return 0.0, 1.0
     if metric == "r2" and not np.isnan(values).all():
         return max(-1.0, min(0.0, float(np.nanmin(values)))), 1.0
