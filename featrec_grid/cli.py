@@ -78,6 +78,30 @@ def plan(spec: str) -> None:
     click.echo(f"{len(tasks)} tasks")
 
 
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default: the spec's `output`).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def invert(spec: str, output: str | None, progress: bool) -> None:
+    """Invert logits back to images for the models in SPEC (its `inversion:` block tunes it).
+
+    Gradient-based class visualisation, combined and difference objectives and logit matching, then a
+    decoder conditioned on logits against the same decoder conditioned on one-hot labels, with controls.
+    Writes inversion.parquet, PNG galleries and the report section.
+    """
+    from pathlib import Path
+
+    from .invert.spec_run import run_invert_spec
+    from .publish import publish
+    from .reduce import save_inversion
+    from .spec import load_spec
+
+    grid_spec = load_spec(spec)
+    out = Path(output or grid_spec.output)
+    save_inversion(out, run_invert_spec(grid_spec, out, progress))
+    click.echo(f"report: {publish(out, grid_spec)}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: the project against its named baseline in one process, printed as ratios."""

@@ -23,6 +23,7 @@ import pandas as pd
 from . import reduce
 from .errors import UserError
 from .extract import shard_key
+from .publish import CKA_COLUMNS, used_models
 from .refs import DataRef
 from .spec import GridSpec
 from .store import Store
@@ -44,7 +45,7 @@ class PlannedTask:
 
 def plan(spec: GridSpec) -> list[PlannedTask]:
     """Every task of the grid in dependency order (before looking at what is already stored)."""
-    used = list(dict.fromkeys(k for p in spec.pairs for k in p))
+    used = used_models(spec)
     tasks = [PlannedTask("train_zoo", f"train_zoo {m}", model=m) for m in used if spec.models[m].source == "zoo"]
     for m in used:
         for d in (spec.train, spec.test):
@@ -170,6 +171,14 @@ def _fit(store, source, target, train, test, fit, method, stats, *after):
     return fit_pair(store, source, target, train, test, fit, method, stats)
 
 
+def _model_cka(store, models, test, column, *after):
+    from .pairs import model_cka
+
+    return model_cka(store, models, test, column)
+
+
+
+
 def run_grid(
     spec: GridSpec,
     *,
@@ -207,10 +216,13 @@ def run_grid(
             "source_stats": ray.remote(_source_stats).options(**opts["source_stats"]),
             "fit_ridge": ray.remote(_fit).options(**opts["fit_ridge"]),
             "fit_sgd": ray.remote(_fit).options(**opts["fit_sgd"]),
+            "model_cka": ray.remote(_model_cka).options(**opts["source_stats"]),
         }
         names: dict[Any, str] = {}
         fits: dict[Any, tuple[str, str, str]] = {}
         needed = list(dict.fromkeys(k for s, t, _ in todo for k in (s, t)))
+        if any(reduce.load_cka(out_dir, c, cka_key(spec, used_models(spec))) is None for c in CKA_COLUMNS):
+            needed = used_models(spec)  # CKA reads every model's test shards
         extracted: dict[str, list] = {}
         r = spec.resources
         for m in needed:
@@ -235,6 +247,15 @@ def run_grid(
             )
             names[fref] = f"fit {s} -> {t} [{method}]"
             fits[fref] = (s, t, method)
+        ckas: dict[Any, str] = {}
+        models_used = used_models(spec)
+        similarity_key = cka_key(spec, models_used)
+        for column in CKA_COLUMNS:
+            if rebuild or reduce.load_cka(out_dir, column, similarity_key) is None:
+                deps = [e for m in models_used for e in extracted.get(m, [])]
+                cref = remote["model_cka"].remote(store, models_used, spec.test, column, *deps)
+                names[cref] = f"cka {column} ({len(models_used)} models)"
+                ckas[cref] = column
 
         pending = list(names)
         bar = tqdm(total=len(pending), desc="tasks", unit="task", disable=not progress, file=sys.stderr)
@@ -260,6 +281,8 @@ def run_grid(
                     reduce.save_pair(out_dir, value, pair_key(spec, s, t, method))
                     rows[(s, t, method)] = value
                     outcome.computed += 1
+                elif ref in ckas:
+                    reduce.save_cka(out_dir, ckas[ref], value, similarity_key)
             bar.set_postfix_str(names[ref][:40])
             bar.update(1)
         bar.close()
@@ -270,6 +293,11 @@ def run_grid(
 
     _finish(spec, out_dir, outcome, rows, models, time.perf_counter() - t_start, echo)
     return outcome
+
+
+def cka_key(spec: GridSpec, models: list[str]) -> str:
+    payload = [[m, shard_key(spec.models[m], spec.test)] for m in models]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
 
 
 def _needs_extract(store: Store, ref, data: DataRef) -> bool:
@@ -309,27 +337,27 @@ def _models_frame(spec: GridSpec, store: Store, rows: dict) -> pd.DataFrame:
 
 
 def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:
-    from .report import model_order, write_report
+    from .publish import publish
+    from .report import model_order
 
     versions = _versions()
     results = reduce.results_frame(rows.values(), versions)
     first = spec.fit.methods[0]
     agree = reduce.matrix(results, "agreement", first, list(spec.models)) if len(results) else None
-    order = model_order(models, agree)
-    resolved = spec.resolved()
-    reduce.write_outputs(
-        out_dir, results=results, models=models, resolved_spec=resolved, methods=spec.fit.methods, order=order
-    )
     provenance = {
-        **{f"version {k}": v for k, v in versions.items()},
+        "versions": versions,
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "run seconds": f"{seconds:.1f}",
+        "run seconds": round(seconds, 1),
         "pairs computed": outcome.computed,
         "pairs reused": outcome.reused,
         "pairs failed": outcome.failed,
     }
+    reduce.write_outputs(
+        out_dir, results=results, models=models, resolved_spec=spec.resolved(), methods=spec.fit.methods,
+        order=model_order(models, agree), provenance=provenance,
+    )
     outcome.results = results
-    outcome.report = write_report(out_dir, results=results, models=models, spec=resolved, provenance=provenance)
+    outcome.report = publish(out_dir, spec)
     for name, msg in list(outcome.failures.items())[:20]:
         echo(f"failed: {name}: {msg}")
     echo(outcome.summary())

@@ -161,3 +161,17 @@ def fit_pair(
     }
     row["seconds"] = time.perf_counter() - t0
     return row
+
+
+def model_cka(store: Store, models: list[str], test: DataRef, column: str, max_rows: int = 4096) -> dict[str, Any]:
+    """Linear CKA between every two models' `column` (features or logits) on the first `max_rows` test rows."""
+    from .cka import cka_matrix
+
+    reps = [store.read_split(store.split_dir(m, test), columns=[column])[column][:max_rows] for m in models]
+    return {
+        "models": list(models),
+        "column": column,
+        "rows": int(min(len(r) for r in reps)),
+        "estimator": f"linear CKA (Kornblith et al. 2019) on the first {max_rows} test rows at most, float64",
+        "cka": cka_matrix(reps).tolist(),
+    }

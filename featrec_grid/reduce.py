@@ -91,6 +91,7 @@ def write_outputs(
     resolved_spec: dict[str, Any],
     methods: Sequence[str],
     order: Sequence[str],
+    provenance: dict[str, Any],
 ) -> dict[str, Path]:
     """Write every table of a grid run under `output`; returns their paths by name."""
     output = Path(output)
@@ -98,10 +99,12 @@ def write_outputs(
         "results": output / "results.parquet",
         "models": output / "models.parquet",
         "spec": output / "spec.resolved.yaml",
+        "provenance": output / "provenance.json",
     }
     write_atomic(paths["results"], results.to_parquet(index=False))
     write_atomic(paths["models"], models.to_parquet(index=False))
     write_atomic(paths["spec"], yaml.safe_dump(resolved_spec, sort_keys=False).encode())
+    write_atomic(paths["provenance"], json.dumps(provenance, indent=1, default=str).encode())
     for i, method in enumerate(methods):
         agree = matrix(results, "agreement", method, order)
         stem = "agreement" if i == 0 else f"agreement_{method}"
@@ -114,3 +117,37 @@ def write_outputs(
             paths["agreement_json"] = output / "agreement.json"
             write_atomic(paths["agreement_json"], json.dumps(nested, indent=1).encode())
     return paths
+
+
+def save_cka(output: Path, column: str, result: dict[str, Any], key: str) -> None:
+    """Persist one model-level CKA matrix (models x models) with the key of the shards it came from."""
+    write_atomic(Path(output) / f"cka_{column}.json", json.dumps({"key": key, **result}, indent=1).encode())
+
+
+def load_cka(output: Path, column: str, key: str) -> dict[str, Any] | None:
+    """The stored CKA matrix of `column` if it was computed from the current shards, else None."""
+    try:
+        saved = json.loads((Path(output) / f"cka_{column}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.get("key") == key else None
+
+
+def read_frame(output: Path, name: str) -> pd.DataFrame | None:
+    """A Parquet table a stage wrote under `output`, or None when that stage has not run."""
+    path = Path(output) / f"{name}.parquet"
+    return pd.read_parquet(path) if path.exists() else None
+
+
+def read_json(output: Path, name: str) -> Any:
+    path = Path(output) / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_inversion(output: Path, table: pd.DataFrame) -> None:
+    """inversion.parquet (one row per model, method, control, seed and item) and the gallery's image list."""
+    images = table.attrs.get("images", [])
+    frame = table.copy()
+    frame.attrs = {}
+    write_atomic(Path(output) / "inversion.parquet", frame.to_parquet(index=False))
+    write_atomic(Path(output) / "inversion_images.json", json.dumps([list(i) for i in images], indent=1).encode())

@@ -171,3 +171,18 @@ def test_grid_report_renders_in_chromium(grid):
     assert not seen.console_errors and not seen.page_errors and not seen.dialogs and not seen.external_requests
     for key in spec.models:
         assert key in seen.text
+
+
+def test_model_level_cka_matches_direct_computation(grid):
+    """cka_features.json / cka_logits.json against Kornblith's linear CKA computed in numpy on the shards."""
+    tmp, spec, *_ = grid
+    for column in ("features", "logits"):
+        saved = json.loads((tmp / "g" / f"cka_{column}.json").read_text())
+        assert saved["models"] == ["mlp", "cnn", "lite0"] and saved["rows"] == 540
+        reps = {m: _arrays(tmp / "store", m, "test")[column].astype(np.float64) for m in saved["models"]}
+        for i, a in enumerate(saved["models"]):
+            for j, b in enumerate(saved["models"]):
+                x, y = reps[a] - reps[a].mean(0), reps[b] - reps[b].mean(0)
+                direct = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+                assert saved["cka"][i][j] == pytest.approx(direct, rel=1e-6), (column, a, b)
+    assert "Representation similarity (CKA)" in (tmp / "g" / "index.html").read_text()
