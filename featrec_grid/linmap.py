@@ -163,8 +163,8 @@ def fit_sgd(
     import torch
 
     torch.manual_seed(seed)
-    zt = torch.as_tensor(np.asarray(z, dtype=np.float32), device=device)
-    ft = torch.as_tensor(np.asarray(f, dtype=np.float32), device=device)
+    zt = torch.tensor(np.asarray(z, dtype=np.float32), device=device)  # a copy: shards are read-only memory maps
+    ft = torch.tensor(np.asarray(f, dtype=np.float32), device=device)
     layer = torch.nn.Linear(zt.shape[1], ft.shape[1]).to(device)
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=momentum)
     loss_fn = torch.nn.MSELoss()
