@@ -102,6 +102,28 @@ def invert(spec: str, output: str | None, progress: bool) -> None:
     click.echo(f"report: {publish(out, grid_spec)}")
 
 
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default: the spec's `output`).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def cka(spec: str, output: str | None, progress: bool) -> None:
+    """Layer-wise CKA of model pairs in SPEC (its `cka:` block: pairs, layers, max_images, batch_size).
+
+    Writes layer_cka.json and adds heatmaps to the report. Model-level CKA of features and logits is part of `run`.
+    """
+    from pathlib import Path
+
+    from .layers import run_layer_cka
+    from .publish import publish
+    from .reduce import save_layer_cka
+    from .spec import load_spec
+
+    grid_spec = load_spec(spec)
+    out = Path(output or grid_spec.output)
+    save_layer_cka(out, run_layer_cka(grid_spec, progress))
+    click.echo(f"report: {publish(out, grid_spec)}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: the project against its named baseline in one process, printed as ratios."""

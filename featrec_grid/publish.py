@@ -33,7 +33,8 @@ def publish(output: Path, spec: GridSpec) -> Path:
         models = pd.DataFrame({"model": list(spec.models), "family": [m.source for m in spec.models.values()]})
     agree = results.pivot_table(index="source", columns="target", values="agreement", aggfunc="mean")
     order = model_order(models, agree if len(results) else None)
-    sections = [s for s in (_cka_section(spec, output, order), _inversion_section(output)) if s is not None]
+    sections = [_cka_section(spec, output, order), _layer_cka_section(output), _inversion_section(output)]
+    sections = [s for s in sections if s is not None]
     return write_report(
         output,
         results=results,
@@ -68,6 +69,21 @@ def _cka_section(spec: GridSpec, output: Path, order: list[str]) -> Section | No
         "similar representations and linearly recoverable features are different questions."
     )
     return Section("Representation similarity (CKA)", figures=[fig], note=note)
+
+
+def _layer_cka_section(output: Path) -> Section | None:
+    """Layer-by-layer CKA heatmaps of the pairs the `cka` command compared."""
+    from .cka import layer_cka_figure
+
+    exports = reduce.read_json(output, "layer_cka.json")
+    if not exports:
+        return None
+    note = (
+        "Linear CKA between every layer of one model and every layer of another on the same test images "
+        "(minibatch unbiased HSIC accumulated in float64; Nguyen, Raghu and Kornblith 2021). Layers listed in "
+        "forward order; each model sees the images through its own input transform."
+    )
+    return Section("Layer-wise CKA", figures=[layer_cka_figure(e) for e in exports], note=note)
 
 
 def _inversion_section(output: Path) -> Section | None:

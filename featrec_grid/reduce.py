@@ -151,3 +151,8 @@ def save_inversion(output: Path, table: pd.DataFrame) -> None:
     frame.attrs = {}
     write_atomic(Path(output) / "inversion.parquet", frame.to_parquet(index=False))
     write_atomic(Path(output) / "inversion_images.json", json.dumps([list(i) for i in images], indent=1).encode())
+
+
+def save_layer_cka(output: Path, exports: list[dict[str, Any]]) -> None:
+    """layer_cka.json: every pair's CKA export (names, layers, matrix, notes), as the `cka` command computed it."""
+    write_atomic(Path(output) / "layer_cka.json", json.dumps(exports, indent=1, default=str).encode())

@@ -25,7 +25,7 @@ ZOO_ARCHITECTURES = ("mlp", "cnn", "resnet", "vit", "mixer", "convnext")
 LITE_ARCHITECTURES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
-TOP_FIELDS = ("name", "description", "store", "output", "models", "data", "pairs", "fit", "resources", "inversion")
+TOP_FIELDS = ("name", "description", "store", "output", "models", "data", "pairs", "fit", "resources", "inversion", "cka")
 MODEL_FIELDS = ("source", "architecture", "weights", "options")
 DATA_FIELDS = ("dataset", "split", "options")
 FIT_FIELDS = ("method", "alpha", "val_fraction", "sgd")
@@ -74,6 +74,7 @@ class GridSpec:
     resources: Resources
     description: str = ""
     inversion: dict[str, Any] = field(default_factory=dict)
+    cka: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
         """The spec with every default filled in and absolute locations: what spec.resolved.yaml holds."""
@@ -99,6 +100,7 @@ class GridSpec:
             },
             "resources": dict(self.resources.__dict__),
             **({"inversion": self.inversion} if self.inversion else {}),
+            **({"cka": self.cka} if self.cka else {}),
         }
 
 
@@ -226,6 +228,7 @@ def parse_spec(raw: Any, path: str = "<spec>") -> GridSpec:
         resources=resources,
         description=str(raw.get("description") or ""),
         inversion=dict(ck.mapping(raw.get("inversion") or {}, "inversion")),
+        cka=dict(ck.mapping(raw.get("cka") or {}, "cka")),
     )
 
 
