@@ -121,8 +121,13 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"--address {address}: cannot join a Ray cluster there ({_first_line(err)})") from None
         return True
-    # Local runs stay on loopback (FACTS.md): Ray otherwise binds the machine's interface address.
+    # Local runs stay on loopback (FACTS.md): Ray otherwise binds the machine's interface address. Ray reads
+    # this switch once, when it is imported, so set it for the processes ray.init spawns and for this one.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("0", "false"):
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **kwargs)
     return True
 
@@ -195,6 +200,7 @@ def run_grid(
     t_start = time.perf_counter()
     out_dir = Path(output or spec.output)
     store = Store(spec.store)
+    store.check_writable()
     outcome = GridOutcome()
     rows: dict[tuple[str, str, str], dict] = {}
     todo: list[tuple[str, str, str]] = []

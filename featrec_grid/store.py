@@ -133,6 +133,15 @@ class Store:
         with self._atomic_output(rel) as out:
             out.write(data)
 
+    def check_writable(self) -> None:
+        """Write and delete a probe file, so an unwritable store fails before any work starts, naming why."""
+        rel = f".probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(rel, b"featrec-grid write probe")
+            self.fs.delete_file(self._path(rel))
+        except OSError as err:
+            raise UserError(f"store {self.uri} is not writable: {err}") from None
+
     def read_bytes(self, rel: str) -> bytes:
         """Read a whole file; a missing file is a UserError naming its full location."""
         try:

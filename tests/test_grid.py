@@ -186,3 +186,46 @@ def test_model_level_cka_matches_direct_computation(grid):
                 direct = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
                 assert saved["cka"][i][j] == pytest.approx(direct, rel=1e-6), (column, a, b)
     assert "Representation similarity (CKA)" in (tmp / "g" / "index.html").read_text()
+
+
+def test_unwritable_store_exits_2_before_any_work(tmp_path):
+    """A store under a regular file cannot be created (even as root): exit 2, one line, nothing written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    spec = _spec(tmp_path, "bad", "pairs: self\n").read_text().replace(str(tmp_path / "store"), str(blocker / "store"))
+    (tmp_path / "bad.yaml").write_text(spec)
+    proc = subprocess.run([sys.executable, "-m", "featrec_grid.cli", "run", str(tmp_path / "bad.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"store {blocker / 'store'} is not writable" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sigint_keeps_finished_pairs_and_rerun_resumes(grid):
+    """Ctrl-C on the driver: it stops, finished pairs stay saved, the rerun computes only the rest."""
+    tmp, *_ = grid
+    out = tmp / "interrupted"
+    spec = _spec(tmp, "interrupted", "fit: {method: sgd, sgd: {epochs: 41}}\n", output=out)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [sys.executable, "-m", "featrec_grid.cli", "run", str(spec), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "pairs").glob("*.json")):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    saved = len(list((out / "pairs").glob("*.json")))
+    assert 1 <= saved < 9
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"pairs: computed={9 - saved} reused={saved} failed=0" in rerun.stdout
+
+
+def test_local_ray_binds_loopback(tmp_path):
+    code = ("import ray; from featrec_grid.grid import connect; connect(None, 1); "
+            "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "['127.0.0.1']"
