@@ -163,5 +163,16 @@ def bench_cka(as_json: bool) -> None:
     _emit(run_cka_bench(), as_json, format_cka_bench)
 
 
+@bench.command("scale")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--rows", default=1_000_000, show_default=True, help="Rows of the big synthetic pair.")
+@click.option("--models", default=16, show_default=True, help="Models of the synthetic grid (N^2 pairs).")
+def bench_scale(as_json: bool, rows: int, models: int) -> None:
+    """Memory-bounded fit of a 1M x 1000 -> 2048 pair from shards (peak RSS), and how a synthetic grid grows with N."""
+    from .bench.scale import format_scale_bench, run_scale_bench
+
+    _emit(run_scale_bench(rows=rows, models=models), as_json, format_scale_bench)
+
+
 if __name__ == "__main__":
     main()

@@ -287,5 +287,8 @@ def format_cka_bench(result: dict[str, Any]) -> str:
             )
         if "target" in case:
             t = case["target"]
-            lines.append(f"  target {t['metric']} {t['bound']}: {'met' if t['met'] else 'NOT met'}")
+            value = case["ratios"][t["metric"]]
+            lines.append(
+                f"  target {t['metric']} {t['bound']}: {value:.2f}, {'met' if t['met'] else 'NOT met'}"
+            )
     return "\n".join(lines)
