@@ -54,16 +54,17 @@ class Moments:
     @classmethod
     def of(cls, x: np.ndarray, y: np.ndarray | None = None) -> Moments:
         """Moments of one batch."""
-        x = np.asarray(x, dtype=np.float64)
         same = y is None
-        y = x if same else np.asarray(y, dtype=np.float64)
-        if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"x and y must be 2-D with equal rows, got {x.shape} and {y.shape}")
-        mx = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
-        my = mx if same else (y.mean(axis=0) if len(y) else np.zeros(y.shape[1]))
-        xc = x - mx
-        yc = xc if same else y - my
-        return cls(len(x), mx, my, xc.T @ yc, float(np.einsum("ij,ij->", yc, yc)))
+        xc = np.array(x, dtype=np.float64)  # one float64 copy, centered in place
+        yc = xc if same else np.array(y, dtype=np.float64)
+        if xc.ndim != 2 or yc.ndim != 2 or len(xc) != len(yc):
+            raise ValueError(f"x and y must be 2-D with equal rows, got {xc.shape} and {yc.shape}")
+        mx = xc.mean(axis=0) if len(xc) else np.zeros(xc.shape[1])
+        my = mx if same else (yc.mean(axis=0) if len(yc) else np.zeros(yc.shape[1]))
+        xc -= mx
+        if not same:
+            yc -= my
+        return cls(len(xc), mx, my, xc.T @ yc, float(np.einsum("ij,ij->", yc, yc)))
 
     def merge(self, other: Moments) -> Moments:
         if other.n == 0:

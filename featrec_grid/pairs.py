@@ -19,6 +19,7 @@ from .spec import FitSpec
 from .store import Store
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+BLOCK_ROWS = 8192  # rows per statistics update: float64 temporaries stay bounded whatever the shard size
 
 
 def validation_mask(index: np.ndarray, fraction: float) -> np.ndarray:
@@ -43,7 +44,7 @@ def aligned(store: Store, left: str, left_cols: list[str], right: str, right_col
             if lbuf is not None or rbuf is not None:
                 raise ValueError(f"{left} and {right} hold different numbers of rows")
             return
-        n = min(len(lbuf["index"]), len(rbuf["index"]))
+        n = min(len(lbuf["index"]), len(rbuf["index"]), BLOCK_ROWS)
         if not np.array_equal(lbuf["index"][:n], rbuf["index"][:n]):
             raise ValueError(f"{left} and {right} hold rows in a different order; re-extract with --rebuild")
         yield {"index": lbuf["index"][:n], **{c: lbuf[c][:n] for c in left_cols}, **{c: rbuf[c][:n] for c in right_cols}}
@@ -67,7 +68,9 @@ def source_stats(store: Store, model: str, train: DataRef, fit: FitSpec) -> Sour
     """Accumulate the source's logit moments over its train shards; split into fit/val when alpha is a grid."""
     t0 = time.perf_counter()
     fit_zz = val_zz = None
-    for chunk in store.iter_split(store.split_dir(model, train), columns=["index", "logits"]):
+    shards = store.iter_split(store.split_dir(model, train), columns=["index", "logits"])
+    blocks = ({k: v[i : i + BLOCK_ROWS] for k, v in c.items()} for c in shards for i in range(0, len(c["index"]), BLOCK_ROWS))
+    for chunk in blocks:
         z, val = chunk["logits"], validation_mask(chunk["index"], fit.val_fraction)
         fit_zz = Moments.of(z[~val]) if fit_zz is None else fit_zz.update(z[~val])
         val_zz = Moments.of(z[val]) if val_zz is None else val_zz.update(z[val])

@@ -440,13 +440,15 @@ class Store:
     ) -> dict[str, np.ndarray]:
         path, where = self._path(rel), self.full_path(rel)
         hint = "the split is damaged or was not written by featrec-grid; rerun with --rebuild"
-        options = pa.ipc.IpcReadOptions(
-            included_fields=[COLUMNS.index(c) for c in sorted(cols, key=COLUMNS.index)]
-        )
         try:
-            source = pa.memory_map(path) if self.is_local else self.fs.open_input_file(path)
-            with source:
-                table = pa.ipc.open_file(source, options=options).read_all()
+            if self.is_local:  # zero-copy from the memory map; included_fields would copy the whole shard
+                with pa.memory_map(path) as source:
+                    table = pa.ipc.open_file(source).read_all().select(sorted(cols, key=COLUMNS.index))
+            else:
+                fields = [COLUMNS.index(c) for c in sorted(cols, key=COLUMNS.index)]
+                with self.fs.open_input_file(path) as source:
+                    options = pa.ipc.IpcReadOptions(included_fields=fields)
+                    table = pa.ipc.open_file(source, options=options).read_all()
         except FileNotFoundError as e:
             raise UserError(f"shard {where} is missing; {hint}") from e
         except (pa.ArrowException, OSError) as e:
