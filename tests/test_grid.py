@@ -136,27 +136,6 @@ def test_rerun_reuses_everything(grid):
     assert len(outcome.results) == 18
 
 
-def test_kill_midway_then_resume(grid):
-    """SIGKILL the driver while pairs are being fitted; the rerun computes only what was not saved."""
-    tmp, *_ = grid
-    out = tmp / "killed"
-    spec = _spec(tmp, "killed", "fit: {method: sgd, sgd: {epochs: 40}}\n", output=out)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "featrec_grid.cli", "run", str(spec), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "pairs").glob("*.json")):
-        assert proc.poll() is None, proc.stdout.read().decode()
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    saved = len(list((out / "pairs").glob("*.json")))
-    assert 1 <= saved < 9, "the kill should land mid-grid"
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"pairs: computed={9 - saved} reused={saved} failed=0" in rerun.stdout
-
-
 def test_grid_report_renders_in_chromium(grid):
     """The real grid's report: three heatmaps drawn, every model labelled, no console or page errors."""
     from browser import inspect_html
@@ -201,22 +180,29 @@ def test_unwritable_store_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_sigint_keeps_finished_pairs_and_rerun_resumes(grid):
-    """Ctrl-C on the driver: it stops, finished pairs stay saved, the rerun computes only the rest."""
+@pytest.mark.parametrize(("how", "epochs"), [("sigkill", 40), ("sigint", 41)])
+def test_interrupt_midway_then_resume(grid, how, epochs):
+    """SIGKILL of the driver's process group, or Ctrl-C on the driver, while pairs are being fitted: finished
+    pairs stay saved and the rerun computes only what was not saved."""
     tmp, *_ = grid
-    out = tmp / "interrupted"
-    spec = _spec(tmp, "interrupted", "fit: {method: sgd, sgd: {epochs: 41}}\n", output=out)
+    out = tmp / how
+    spec = _spec(tmp, how, f"fit: {{method: sgd, sgd: {{epochs: {epochs}}}}}\n", output=out)
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cmd = [sys.executable, "-m", "featrec_grid.cli", "run", str(spec), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=how == "sigkill")
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "pairs").glob("*.json")):
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) != 0
+    if how == "sigkill":
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    else:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
     saved = len(list((out / "pairs").glob("*.json")))
-    assert 1 <= saved < 9
+    assert 1 <= saved < 9, "the interrupt should land mid-grid"
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"pairs: computed={9 - saved} reused={saved} failed=0" in rerun.stdout
