@@ -61,6 +61,19 @@ def run(
     sys.exit(outcome.exit_code)
 
 
+def _stage(spec: str, output: str | None, compute, save) -> None:
+    """A stage beside the grid: compute from the spec, save its table under the output, republish the report."""
+    from pathlib import Path
+
+    from .publish import publish
+    from .spec import load_spec
+
+    grid_spec = load_spec(spec)
+    out = Path(output or grid_spec.output)
+    save(out, compute(grid_spec, out))
+    click.echo(f"report: {publish(out, grid_spec)}")
+
+
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 def plan(spec: str) -> None:
@@ -89,17 +102,10 @@ def invert(spec: str, output: str | None, progress: bool) -> None:
     decoder conditioned on logits against the same decoder conditioned on one-hot labels, with controls.
     Writes inversion.parquet, PNG galleries and the report section.
     """
-    from pathlib import Path
-
     from .invert.spec_run import run_invert_spec
-    from .publish import publish
     from .reduce import save_inversion
-    from .spec import load_spec
 
-    grid_spec = load_spec(spec)
-    out = Path(output or grid_spec.output)
-    save_inversion(out, run_invert_spec(grid_spec, out, progress))
-    click.echo(f"report: {publish(out, grid_spec)}")
+    _stage(spec, output, lambda grid_spec, out: run_invert_spec(grid_spec, out, progress), save_inversion)
 
 
 @main.command()
@@ -111,17 +117,10 @@ def cka(spec: str, output: str | None, progress: bool) -> None:
 
     Writes layer_cka.json and adds heatmaps to the report. Model-level CKA of features and logits is part of `run`.
     """
-    from pathlib import Path
-
     from .layers import run_layer_cka
-    from .publish import publish
     from .reduce import save_layer_cka
-    from .spec import load_spec
 
-    grid_spec = load_spec(spec)
-    out = Path(output or grid_spec.output)
-    save_layer_cka(out, run_layer_cka(grid_spec, progress))
-    click.echo(f"report: {publish(out, grid_spec)}")
+    _stage(spec, output, lambda grid_spec, out: run_layer_cka(grid_spec, progress), save_layer_cka)
 
 
 @main.group()
