@@ -9,11 +9,21 @@ with S the centered scatter matrices. Centering leaves the bias unpenalised, exa
 intercept. S_zz depends on the source only: one eigendecomposition serves every target and every alpha
 (and alpha = 0 becomes the minimum-norm least-squares solution when S_zz is singular). The seed's SGD
 recipe is `fit_sgd`, kept as the reference the closed form is measured against.
+
+When a source has fewer rows n than logits C (an ImageNet-21k head has C = 21,843: S_zz is 3.8 GB in
+float64) the same maps come from the dual (kernel) form, `DualSolver`: with centered Zc [n, C] and
+Fc [n, D], K = Zc Zc' [n, n] = U diag(l) U' once per source and, for any target and alpha,
+
+    A' = Zc' U diag(1 / (l + alpha)) U' Fc,   c = mean_f - A mean_z
+
+(alpha = 0 drops the eigenvalues at or below rcond * max(l): the minimum-norm least-squares solution,
+pinv(Zc) Fc). The nonzero eigenvalues of K are those of S_zz, so both forms drop the same directions and
+give the same predictions; the dual needs O(n^2 + n*C + n*D) memory and never forms a C x C array.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,15 +126,22 @@ class RidgeSolver:
         """Map for the target whose cross-moments with this source are `zf` (same rows as the source stats)."""
         if zf.n != self.n:
             raise ValueError(f"source statistics cover {self.n} rows but the cross statistics {zf.n}")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        denom = self.evals + alpha
-        keep = denom > (self.cutoff if alpha == 0 else 0.0)
-        inv = np.zeros_like(denom)
-        inv[keep] = 1.0 / denom[keep]
+        inv = spectral_inverse(self.evals, alpha, self.cutoff)
         coef = self.evecs @ (inv[:, None] * (self.evecs.T @ zf.sxy))  # [C, D]
         weight = coef.T
         return LinearMap(weight, zf.mean_y - weight @ self.mean_z)
+
+
+def spectral_inverse(evals: np.ndarray, alpha: float, cutoff: float) -> np.ndarray:
+    """1 / (eigenvalue + alpha), shared by the primal and dual solvers; at alpha = 0 eigenvalues at or below
+    `cutoff` are dropped (the minimum-norm least-squares solution)."""
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    denom = evals + alpha
+    keep = denom > (cutoff if alpha == 0 else 0.0)
+    inv = np.zeros_like(denom)
+    inv[keep] = 1.0 / denom[keep]
+    return inv
 
 
 def sse(m: LinearMap, zf: Moments, zz: Moments) -> float:
@@ -145,6 +162,142 @@ def select_alpha(
     """
     dim = len(val_zf.mean_y)
     scores = {float(a): sse(solver.solve(fit_zf, a), val_zf, val_zz) / (val_zf.n * dim) for a in alphas}
+    best = min(scores, key=lambda a: (scores[a], -a))
+    return best, scores
+
+
+_COLUMN_BLOCK = 2048  # logit columns per block when a subset's rows are read in place
+
+
+class DualSolver:
+    """Ridge/least squares for one source in the dual form: eigendecompose the n x n kernel once, then solve any
+    target's features (rows in the same order as the logits) and any alpha. For n < C; memory O(n^2 + n*C).
+
+    `subset(rows)` gives the solver of some of these rows (the fit part of an alpha search) without copying
+    the logits again, and `project` the held-out rows' basis that `select_alpha_dual` scores them with.
+    """
+
+    def __init__(self, z: np.ndarray, rcond: float = 1e-10):
+        data = np.array(z, dtype=np.float64)  # one float64 copy [n, C], centered in place, shared by subsets
+        if data.ndim != 2:
+            raise ValueError(f"logits must be 2-D, got shape {data.shape}")
+        mean = data.mean(axis=0) if len(data) else np.zeros(data.shape[1])
+        data -= mean
+        self._setup(data, mean, None, data @ data.T, rcond)
+
+    def _setup(
+        self, data: np.ndarray, center: np.ndarray, rows: np.ndarray | None, kernel: np.ndarray, rcond: float
+    ):
+        """`data`: all rows read, centered on `center`; this solver's rows are data[rows] (all when None) and
+        `kernel` is their Gram after centering them on their own mean."""
+        self.n = len(data) if rows is None else len(rows)
+        if self.n < 2:
+            raise ValueError(f"need at least 2 rows to fit a map, got {self.n}")
+        self._data, self._center, self._rows, self.rcond = data, center, rows, rcond
+        if rows is None:
+            self.mean_z = center
+        else:
+            weights = np.zeros(len(data))
+            np.add.at(weights, rows, 1.0 / self.n)
+            self.mean_z = center + weights @ data  # the subset's mean without gathering its [n, C] rows
+        evals, self.evecs = np.linalg.eigh(kernel)
+        self.evals = np.clip(evals, 0.0, None)
+        self.cutoff = rcond * max(float(self.evals.max()), np.finfo(float).tiny)
+        self.rank = int((self.evals > self.cutoff).sum())
+
+    @property
+    def dim(self) -> int:
+        """C, the number of logits."""
+        return self._data.shape[1]
+
+    def _cross(self, a: np.ndarray) -> np.ndarray:
+        """a @ data[rows]' [m, n], by blocks of columns so that no [n, C] copy of the rows is made."""
+        if self._rows is None:
+            return a @ self._data.T
+        out = np.zeros((len(a), self.n))
+        for j in range(0, self.dim, _COLUMN_BLOCK):
+            out += a[:, j : j + _COLUMN_BLOCK] @ self._data[self._rows, j : j + _COLUMN_BLOCK].T
+        return out
+
+    def subset(self, rows: np.ndarray) -> DualSolver:
+        """The solver of some of these rows (a boolean mask or indices into them), sharing the logits: no copy."""
+        rows = np.asarray(rows)
+        picked = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        if rows.dtype == bool and len(rows) != self.n:
+            raise ValueError(f"row mask has {len(rows)} entries for {self.n} rows")
+        if self._rows is not None:
+            picked = self._rows[picked]
+        kernel = np.zeros((len(picked), len(picked)))
+        for j in range(0, self.dim, _COLUMN_BLOCK):
+            block = self._data[picked, j : j + _COLUMN_BLOCK]
+            kernel += block @ block.T
+        kernel -= kernel.mean(axis=0, keepdims=True)  # H K H: the Gram of the rows centered on their own mean
+        kernel -= kernel.mean(axis=1, keepdims=True)
+        out = DualSolver.__new__(DualSolver)
+        out._setup(self._data, self._center, picked, kernel, self.rcond)
+        return out
+
+    def _inverse(self, alpha: float) -> np.ndarray:
+        return spectral_inverse(self.evals, alpha, self.cutoff)
+
+    def _targets(self, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean_f, U' Fc) of a target's features, rows in this solver's order."""
+        f = np.asarray(f)
+        if f.ndim != 2 or len(f) != self.n:
+            raise ValueError(f"features must be [{self.n}, D] in the source's row order, got shape {f.shape}")
+        fc = np.array(f, dtype=np.float64)
+        mean_f = fc.mean(axis=0)
+        fc -= mean_f
+        return mean_f, self.evecs.T @ fc
+
+    def solve(self, f: np.ndarray, alpha: float) -> LinearMap:
+        """Map for the target whose features on this solver's rows (same order) are `f` [n, D]."""
+        mean_f, proj = self._targets(f)
+        dual = self.evecs @ (self._inverse(alpha)[:, None] * proj)  # [n, D]
+        dual -= dual.mean(axis=0)  # H M (already so but for rounding): then M' data[rows] = M' H data[rows] = M' Zc
+        if self._rows is None:
+            weight = dual.T @ self._data
+        else:
+            full = np.zeros((len(self._data), dual.shape[1]))
+            full[self._rows] = dual  # no gather of the [n, C] rows: scatter the n x D coefficients instead
+            weight = full.T @ self._data
+        return LinearMap(weight, mean_f - weight @ self.mean_z)
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        """Basis of new rows z [m, C]: (z - mean_z) Zc' U [m, n], so predictions are basis diag(1/(l+alpha)) U' Fc + mean_f."""
+        zc = np.array(z, dtype=np.float64)
+        if zc.ndim != 2 or zc.shape[1] != self.dim:
+            raise ValueError(f"logits must be [m, {self.dim}], got shape {zc.shape}")
+        zc -= self.mean_z
+        cross = self._cross(zc)  # (z - mean_z) data[rows]'  [m, n]
+        cross -= cross.mean(axis=1, keepdims=True)  # right-multiplied by H: Zc = H data[rows]
+        return cross @ self.evecs
+
+    def predict_basis(
+        self, basis: np.ndarray, f: np.ndarray, alphas: Sequence[float]
+    ) -> Iterator[np.ndarray]:
+        """Predictions for the rows of `basis` (from `project`) of the map fitted to `f`, for each alpha in turn."""
+        mean_f, proj = self._targets(f)
+        for a in alphas:
+            yield basis @ (self._inverse(float(a))[:, None] * proj) + mean_f
+
+
+def select_alpha_dual(
+    solver: DualSolver, fit_f: np.ndarray, val_basis: np.ndarray, val_f: np.ndarray, alphas: Sequence[float]
+) -> tuple[float, dict[float, float]]:
+    """`select_alpha` for the dual form: `solver` holds the fit rows, `fit_f` their features (same order),
+    `val_basis` = solver.project(held-out logits) and `val_f` the held-out features.
+
+    Returns (best alpha, {alpha: held-out mse}); ties go to the larger alpha.
+    """
+    val_f = np.asarray(val_f, dtype=np.float64)
+    if val_f.ndim != 2 or len(val_f) == 0 or len(val_f) != len(val_basis):
+        raise ValueError(
+            f"need held-out features [m > 0, D] matching the basis' {len(val_basis)} rows, got {val_f.shape}"
+        )
+    alphas = [float(a) for a in alphas]
+    preds = solver.predict_basis(val_basis, fit_f, alphas)
+    scores = {a: float(((val_f - p) ** 2).sum()) / val_f.size for a, p in zip(alphas, preds, strict=True)}
     best = min(scores, key=lambda a: (scores[a], -a))
     return best, scores
 
@@ -184,3 +337,8 @@ def fit_sgd(
 def fit_ridge(z: np.ndarray, f: np.ndarray, alpha: float = 0.0) -> LinearMap:
     """Closed-form map from arrays in memory (the grid streams the same statistics from shards)."""
     return RidgeSolver(Moments.of(z)).solve(Moments.of(z, f), alpha)
+
+
+def fit_ridge_dual(z: np.ndarray, f: np.ndarray, alpha: float = 0.0) -> LinearMap:
+    """`fit_ridge` in the dual form: the same map, cheaper when rows < logits."""
+    return DualSolver(z).solve(f, alpha)

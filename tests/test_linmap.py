@@ -93,3 +93,36 @@ def test_sgd_recipe_is_worse_or_equal_to_closed_form():
     err_sgd = np.mean((sgd.predict(z / 10) - f) ** 2)
     assert err_closed <= err_sgd
     assert sgd.weight.shape == closed.weight.shape
+
+
+# ------------------------------------------------------------------------------------------ dual form
+def test_dual_matches_primal_when_rows_exceed_logits():
+    """Both forms are valid for n > C: the same weights and bias at every alpha, least squares included."""
+    from featrec_grid.linmap import DualSolver
+
+    z, f = _data(n=150, c=12, d=5, seed=6)
+    primal, dual = RidgeSolver(Moments.of(z)), DualSolver(z)
+    assert dual.rank == primal.rank == 12
+    for alpha in [0.0, 0.01, 1.0, 100.0]:
+        p, d = primal.solve(Moments.of(z, f), alpha), dual.solve(f, alpha)
+        np.testing.assert_allclose(d.weight, p.weight, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(d.bias, p.bias, rtol=1e-7, atol=1e-7)
+
+
+def test_select_alpha_dual_equals_select_alpha():
+    """Same held-out scores and choice from the dual form as from moments, on a subset sharing the logits."""
+    from featrec_grid.linmap import DualSolver, select_alpha_dual
+
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((120, 60)) + 3.0
+    f = z[:, :3] @ rng.standard_normal((3, 4)) + 2.0 * rng.standard_normal((120, 4))
+    val = rng.random(120) < 0.3
+    alphas = [0.0, 1.0, 10.0, 100.0, 1000.0]
+    ref_best, ref = select_alpha(
+        RidgeSolver(Moments.of(z[~val])), Moments.of(z[~val], f[~val]), Moments.of(z[val]), Moments.of(z[val], f[val]), alphas
+    )
+    fit_solver = DualSolver(z).subset(~val)
+    best, scores = select_alpha_dual(fit_solver, f[~val], fit_solver.project(z[val]), f[val], alphas)
+    assert best == ref_best
+    for a in alphas:
+        assert scores[a] == pytest.approx(ref[a], rel=1e-8)
