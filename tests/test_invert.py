@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,12 @@ from featrec_grid.invert import (
     target_logits,
     untrained_copy,
 )
-from featrec_grid.invert.gallery import COLUMNS
+from featrec_grid.invert.experiments import decoder_inversion
+from featrec_grid.invert.gallery import COLUMNS, CROSS_COLUMNS
 from featrec_grid.invert.manipulate import manipulated_logits
 from featrec_grid.invert.optimise import gaussian_blur
-from featrec_grid.invert.pixels import embed
+from featrec_grid.invert.pixels import device_of, embed, on_device
+from featrec_grid.invert.run import plan_stages, stage_models, stage_name
 from featrec_grid.models import Classifier, InputConfig
 
 SIZE = 16
@@ -308,6 +311,19 @@ def test_run_inversion_small(mlp, cnn, digits, tmp_path):
     for _, name in df.attrs["images"]:
         assert (tmp_path / name).is_file() and set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-.")
     assert len({n for _, n in df.attrs["images"]}) == len(df.attrs["images"])
+    assert set(df.device) == {"cpu"} and df.stage_seconds.gt(0).all()
+    cross = pd.DataFrame(df.attrs["cross"])
+    assert list(cross.columns[: len(CROSS_COLUMNS)]) == list(CROSS_COLUMNS)
+    assert len(cross) == 2 * 2 * 2  # decoder models x judges x {logits, onehot}
+    assert set(zip(cross.decoder_model, cross.judge_model, cross.condition, strict=True)) == {
+        (a, b, c) for a in ("mlp", "cnn") for b in ("mlp", "cnn") for c in ("logits", "onehot")}
+    assert cross.chance.eq(1 / len(xte)).all() and cross.rows.eq(len(xte)).all()
+    # the diagonal is the decoder row's own agreement; mlp's held-out judge (cnn) its held-out columns
+    row = dec[(dec.model == "mlp") & (dec.method == "decoder") & (dec.control == "none")].iloc[0]
+    cell = cross.set_index(["decoder_model", "judge_model", "condition"])
+    assert cell.loc[("mlp", "mlp", "logits"), "agreement"] == pytest.approx(row.agreement_source)
+    assert cell.loc[("mlp", "cnn", "logits"), "agreement"] == pytest.approx(row.agreement_heldout)
+    assert cell.loc[("mlp", "cnn", "logits"), "retrieval_top1_features"] == pytest.approx(row.retrieval_top1_features)
     with pytest.raises(UserError, match="heldout"):
         run_inversion({"mlp": mlp}, {"mlp": "mlp"}, xtr, ytr, xte, yte, cfg, tmp_path, progress=False)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
@@ -326,3 +342,76 @@ def test_config_from_dict():
         InversionConfig.from_dict({"decoder": {"loss": "mse"}})
     with pytest.raises(UserError, match="controls"):
         InversionConfig.from_dict({"controls": ["shuffled"]})
+
+
+def _direct(judge: Classifier, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A judge's logits and features computed here from scratch: resize to its input, normalise, backbone, head."""
+    x = (F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False) - 0.5) / 0.5
+    with torch.no_grad():
+        f = judge.backbone(x)
+    return f @ judge.head_weight.T + judge.head_bias, f
+
+
+def test_cross_table_matches_direct_computation(mlp, cnn, digits):
+    xtr, _, xte, _ = digits
+    xte = xte[:120]
+    cfg = DecoderConfig(epochs=2, channels=8, seed=0)
+    out, decoders = decoder_inversion(mlp, cnn, xtr, xte, cfg, untrained_control=False, judges=[mlp, cnn],
+                                      device="cpu")  # fmt: skip
+    cross = pd.DataFrame(out.cross).set_index(["judge_model", "condition"])
+    assert len(cross) == 4 and set(pd.DataFrame(out.cross).decoder_model) == {"mlp"}
+    originals = F.interpolate(xte, size=(16, 16), mode="bilinear", align_corners=False)
+    z_mlp, _ = _direct(mlp, xte)  # the decoder's input: mlp's logits of the test images
+    for condition, name in (("logits", "decoder"), ("onehot", "decoder_onehot")):
+        recon = decoders[name][0].decode(z_mlp)
+        assert recon.device.type == "cpu" and recon.shape == (120, 3, 16, 16)
+        for judge in (mlp, cnn):
+            z_rec, f_rec = _direct(judge, recon)
+            z_orig, f_orig = _direct(judge, originals)
+            label = z_orig.argmax(1)
+            agreement = (z_rec.argmax(1) == label).double().mean().item()
+            prob = torch.softmax(z_rec.double(), 1)[torch.arange(120), label].mean().item()
+            dist = ((f_rec[:, None, :].double() - f_orig[None, :, :].double()) ** 2).sum(-1)
+            retrieval = (dist.argmin(1) == torch.arange(120)).double().mean().item()
+            got = cross.loc[(judge.key, condition)]
+            assert got.agreement == pytest.approx(agreement, abs=1e-12), (judge.key, condition)
+            assert got.judge_prob == pytest.approx(prob, rel=1e-5)
+            assert got.retrieval_top1_features == pytest.approx(retrieval, abs=1e-12)
+            assert got.chance == pytest.approx(1 / 120) and got.rows == 120
+    # the judges see different things: the one-hot control gives every test image of a class one picture
+    assert cross.loc[("mlp", "onehot"), "retrieval_top1_features"] < 0.1
+    with pytest.raises(UserError, match="label space"):
+        three = untrained_copy(mlp)
+        three.head_weight, three.head_bias = three.head_weight[:3], three.head_bias[:3]
+        decoder_inversion(mlp, None, xtr, xte, cfg, untrained_control=False, judges=[three])
+
+
+def test_device_parameter_on_cpu(mlp, digits):
+    """No GPU here: device="cpu" explicitly; decoders, classifiers and results stay on / come back to the CPU."""
+    xtr, _, xte, _ = digits
+    assert on_device(mlp, "cpu") is mlp and device_of(mlp).type == "cpu"
+    z = embed(mlp, xtr[:64])[0]
+    cfg = DecoderConfig(epochs=1, channels=8)
+    a = fit_decoder(z, xtr[:64], "standardised", cfg, device="cpu")
+    b = fit_decoder(z, xtr[:64], "standardised", cfg)
+    assert a.device.type == "cpu" and a.info["device"] == "cpu"
+    torch.testing.assert_close(a.decode(z[:5]), b.decode(z[:5]))  # seeded: same training either way
+
+
+def test_stage_models_load_only_what_a_stage_uses(mlp, cnn):
+    third = untrained_copy(mlp, seed=3)
+    third.key = "third"
+    clfs = {"mlp": mlp, "cnn": cnn, "third": third}
+    held = {"mlp": "cnn", "cnn": "third", "third": "mlp"}
+    cfg = InversionConfig()
+    stages = plan_stages(clfs, cfg)
+    assert [stage_name(*s) for s in stages] == ["class mlp", "class cnn", "class third", "match mlp", "match cnn",
+                                                "match third", "pair mlp cnn", "decoder mlp", "decoder cnn",
+                                                "decoder third"]  # fmt: skip
+    assert stage_models("class", "mlp", clfs, held, cfg) == ["mlp", "cnn"]
+    assert stage_models("match", "mlp", clfs, held, cfg) == ["mlp", "cnn", "third"]  # held-out cnn, source third
+    assert stage_models("match", "mlp", clfs, held, InversionConfig(match_cross=False)) == ["mlp", "cnn"]
+    assert stage_models("pair", ("mlp", "cnn"), clfs, held, cfg) == ["mlp", "cnn", "third"]
+    assert stage_models("decoder", "cnn", clfs, held, cfg) == ["mlp", "cnn", "third"]  # every judge
+    with pytest.raises(UserError, match="gpus"):
+        InversionConfig(gpus=2)

@@ -1,11 +1,15 @@
-"""`featrec-grid invert` end to end on a tiny config: table columns, PNGs, galleries rendered in Chromium."""
+"""`featrec-grid invert` end to end on a tiny config through Ray: table columns, the cross-model table, PNGs,
+galleries and cross heatmaps rendered in Chromium; task failures keep the other tasks' results."""
 
 import pandas as pd
 import pytest
 from browser import open_page
 from click.testing import CliRunner
 
+from featrec_grid import grid
 from featrec_grid.cli import main
+from featrec_grid.errors import UserError
+from featrec_grid.invert.spec_run import run_stage_job
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +33,22 @@ inversion:
 """
 
 
-def test_invert_command_writes_table_images_and_report(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module: the zoo models train once (the first invert trains them in the driver)."""
+    return tmp_path_factory.mktemp("store")
+
+
+def test_invert_command_writes_table_images_and_report(tmp_path, store, ray_session, monkeypatch):
     spec = tmp_path / "inv.yaml"
     out = tmp_path / "out"
-    spec.write_text(SPEC.format(store=tmp_path / "store", out=out))
+    spec.write_text(SPEC.format(store=store, out=out))
+    connected = []
+    real_connect = grid.connect
+    monkeypatch.setattr(grid, "connect", lambda *a: connected.append(real_connect(*a)) or connected[-1])
     result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert connected == [False] and ray_session.is_initialized()  # map_tasks joined the session's Ray, left it up
     assert f"report: {out / 'index.html'}" in result.output
     table = pd.read_parquet(out / "inversion.parquet")
     for col in ["model", "method", "seed", "target_prob", "heldout_prob", "retrieval_top1", "chance", "ssim", "psnr"]:
@@ -43,9 +57,64 @@ def test_invert_command_writes_table_images_and_report(tmp_path):
     assert set(table["model"]) == {"mlp", "cnn"}
     dec = table[(table["method"] == "decoder") & (table["control"] == "none")]
     assert len(dec) == 2 and list(dec["chance"]) == pytest.approx([1 / 540] * 2)
+    assert set(table["device"]) == {"cpu"}
+    cross = pd.read_parquet(out / "inversion_cross.parquet")
+    assert set(zip(cross.decoder_model, cross.judge_model, cross.condition, strict=True)) == {
+        (a, b, c) for a in ("mlp", "cnn") for b in ("mlp", "cnn") for c in ("logits", "onehot")}
+    assert cross.chance.eq(1 / 540).all() and cross.rows.eq(540).all()
+    assert cross[["agreement", "judge_prob", "retrieval_top1_features"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert "failed:" not in result.output and "0 of 7 tasks failed" in result.output
     assert len(list(out.glob("inv_*.png"))) >= 6
-    with open_page(out / "index.html", wait_for="document.readyState === 'complete'") as seen:
+    ready = "document.readyState === 'complete' && document.querySelectorAll('.js-plotly-plot').length >= 2"
+    with open_page(out / "index.html", wait_for=ready) as seen:
         widths = seen.page.evaluate("[...document.querySelectorAll('figure img')].map(i => i.naturalWidth)")
-        assert "Inverting logits back to images" in seen.text()
+        heatmaps = seen.page.evaluate("[...document.querySelectorAll('.js-plotly-plot')].map(d => d.data.map(t => "
+                                      "({type: t.type, name: t.name, y: t.y, x: t.x, z: t.z})))")
+        text = seen.text()
+        assert "Inverting logits back to images" in text and "judge_model" in text and "row A, column B scores those reconstructions" in text
         assert not seen.console_errors and not seen.page_errors and not seen.external_requests
     assert len(widths) >= 6 and all(w > 0 for w in widths)  # every gallery image decoded as a real PNG
+    assert len(heatmaps) == 2  # logit decoder, one-hot control; a trace per metric
+    metrics = {"retrieval top-1 in B's features": "retrieval_top1_features", "B's top-1 agreement": "agreement",
+               "B's probability of its class": "judge_prob"}  # fmt: skip
+    for traces, condition in zip(heatmaps, ("logits", "onehot"), strict=True):
+        assert [t["name"] for t in traces] == list(metrics) and {t["type"] for t in traces} == {"heatmap"}
+        sub = cross[cross.condition == condition].set_index(["decoder_model", "judge_model"])
+        for shown in traces:
+            for i, a in enumerate(shown["y"]):  # rows: decoder trained on A's logits; columns: judge B
+                for j, b in enumerate(shown["x"]):
+                    assert shown["z"][i][j] == pytest.approx(sub.loc[(a, b), metrics[shown["name"]]])
+    row = cross.iloc[0]
+    assert f"{row.agreement:.2%}" in text  # the table's cells, as the report formats agreement
+
+
+def test_invert_failed_tasks_keep_the_others(tmp_path, store, monkeypatch):
+    """A task that fails does not lose the others: they are written and published, each failure is printed,
+    exit 1 (2 when a failure is a UserError). Tasks run in-process here (map_tasks replaced) to inject faults."""
+    spec = tmp_path / "inv.yaml"
+    out = tmp_path / "out"
+    spec.write_text(SPEC.format(store=store, out=out))
+    errors = {"match mlp": RuntimeError("worker died")}
+
+    def fake_map_tasks(fn, calls, **kwargs):
+        assert fn is run_stage_job and list(calls)[:2] == ["decoder mlp", "decoder cnn"]  # long tasks first
+        for name, args in calls.items():
+            if name in errors:
+                yield name, None, errors[name]
+            elif name.startswith("class"):
+                yield name, fn(*args), None
+            else:
+                yield name, None, RuntimeError(f"skipped {name}")
+
+    monkeypatch.setattr(grid, "map_tasks", fake_map_tasks)
+    result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "failed: match mlp: RuntimeError: worker died" in result.output
+    assert "failed: decoder cnn: RuntimeError: skipped decoder cnn" in result.output
+    table = pd.read_parquet(out / "inversion.parquet")
+    assert set(table["method"]) == {"class"} and set(table["model"]) == {"mlp", "cnn"}
+    assert len(pd.read_parquet(out / "inversion_cross.parquet")) == 0
+    assert (out / "index.html").is_file() and list(out.glob("inv_class_*.png"))
+    errors["pair mlp cnn"] = UserError("model cnn: weights missing")
+    result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
+    assert result.exit_code == 2 and "error: pair mlp cnn: model cnn: weights missing" in result.output

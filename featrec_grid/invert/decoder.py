@@ -145,17 +145,24 @@ class LogitDecoder(nn.Module):
         super().__init__()
         self.conditioning, self.generator, self.cfg, self.info = conditioning, generator, cfg, info
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
     @torch.no_grad()
     def decode(self, logits: torch.Tensor, seed: int | None = None, batch_size: int = 512) -> torch.Tensor:
-        """Images [N, 3, size, size] in [0, 1] from raw logits [N, C]; z = 0 (the noise mean) or seeded N(0, 1)."""
+        """Images [N, 3, size, size] in [0, 1] from raw logits [N, C]; z = 0 (the noise mean) or seeded N(0, 1)
+        (drawn on the CPU). Runs on the decoder's device, returns CPU tensors."""
         self.eval()
-        n = len(logits)
+        n, device = len(logits), self.device
         if seed is None:
             z = torch.zeros(n, self.cfg.z_dim)
         else:
             z = torch.randn(n, self.cfg.z_dim, generator=torch.Generator().manual_seed(int(seed)))
         out = [
-            self.generator(self.conditioning(logits[i : i + batch_size].float()), z[i : i + batch_size])
+            self.generator(
+                self.conditioning(logits[i : i + batch_size].to(device).float()), z[i : i + batch_size].to(device)
+            ).cpu()
             for i in range(0, n, batch_size)
         ]
         return torch.cat(out)
@@ -170,10 +177,13 @@ def build_decoder(train_logits: torch.Tensor, condition: str, cfg: DecoderConfig
 
 
 def fit_decoder(
-    train_logits: torch.Tensor, train_images: torch.Tensor, condition: str, cfg: DecoderConfig | None = None
-) -> LogitDecoder:
+    train_logits: torch.Tensor, train_images: torch.Tensor, condition: str, cfg: DecoderConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> LogitDecoder:  # fmt: skip
     """Train a decoder on (logits [N, C], images [N, 3, h, w] in [0, 1]); images are resized to cfg.size.
-    Conditioning "onehot" gives the control decoder: the same architecture seeing only the argmax class."""
+    Conditioning "onehot" gives the control decoder: the same architecture seeing only the argmax class.
+    Trains on `device` ("cuda" or "cpu"); weights are initialised and batches and noise drawn on the CPU from
+    cfg.seed, so only floating-point rounding differs between devices. The decoder stays on `device`."""
     cfg = cfg or DecoderConfig()
     if len(train_logits) != len(train_images) or len(train_logits) < 2:
         raise UserError(
@@ -181,15 +191,16 @@ def fit_decoder(
         )
     if not torch.isfinite(train_logits).all():
         raise UserError("decoder: training logits contain NaN or inf")
-    dec = build_decoder(train_logits, condition, cfg)
+    device = torch.device(device)
+    dec = build_decoder(train_logits, condition, cfg).to(device)
     gen = dec.generator
-    targets = resize(train_images.float(), cfg.size)
-    cond = dec.conditioning(train_logits.float())
+    targets = resize(train_images.float(), cfg.size).to(device)
+    cond = dec.conditioning(train_logits.to(device).float())
     adversarial = cfg.loss != "l1"
     rng = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        disc = ProjectionDiscriminator(cond.shape[1], cfg) if adversarial else None
+        disc = ProjectionDiscriminator(cond.shape[1], cfg).to(device) if adversarial else None
     betas = (0.5, 0.999) if adversarial else (0.9, 0.999)
     opt_g = torch.optim.Adam(gen.parameters(), cfg.lr, betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), cfg.lr, betas=betas) if disc else None
@@ -204,15 +215,15 @@ def fit_decoder(
             b = perm[i : i + cfg.batch_size]
             if len(b) < 2:
                 continue
-            x, c = targets[b], cond[b]
-            fake = gen(c, torch.randn(len(b), cfg.z_dim, generator=rng))
+            x, c = targets[b.to(device)], cond[b.to(device)]
+            fake = gen(c, torch.randn(len(b), cfg.z_dim, generator=rng).to(device))
             if disc is not None:
                 loss_d = F.relu(1 - disc(x, c)).mean() + F.relu(1 + disc(fake.detach(), c)).mean()
                 opt_d.zero_grad()
                 loss_d.backward()
                 opt_d.step()
             l1 = (fake - x).abs().mean()
-            loss_g = l1 if cfg.loss != "hinge" else torch.zeros(())
+            loss_g = l1 if cfg.loss != "hinge" else torch.zeros((), device=device)
             if disc is not None:
                 loss_g = loss_g + (1.0 if cfg.loss == "hinge" else cfg.adv_weight) * -disc(fake, c).mean()
             opt_g.zero_grad()
@@ -222,6 +233,7 @@ def fit_decoder(
         epochs_run, l1_last = epochs_run + 1, total / max(count, 1)
     gen.eval()
     dec.info.update(
-        {"epochs": epochs_run, "seconds": time.perf_counter() - t0, "train_l1": l1_last, **asdict(cfg)}
+        {"epochs": epochs_run, "seconds": time.perf_counter() - t0, "train_l1": l1_last, "device": str(device),
+         **asdict(cfg)}
     )
     return dec

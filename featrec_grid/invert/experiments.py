@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from featrec_grid.errors import UserError
 from featrec_grid.invert import measures as M
 from featrec_grid.invert.decoder import DecoderConfig, LogitDecoder, fit_decoder
 from featrec_grid.invert.optimise import (
@@ -49,14 +50,17 @@ class OptimSettings:
 
 @dataclass
 class Outcome:
-    """Rows for the results table and image grids: file stem -> (caption, images [R, K, 3, H, W])."""
+    """Rows for the results table, rows for the cross-model decoder table, and image grids: file stem ->
+    (caption, images [R, K, 3, H, W] on the CPU). Plain data: a Ray task returns it to the driver."""
 
     rows: list[dict] = field(default_factory=list)
     grids: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    cross: list[dict] = field(default_factory=list)
 
     def add(self, other: Outcome) -> Outcome:
         self.rows += other.rows
         self.grids.update(other.grids)
+        self.cross += other.cross
         return self
 
 
@@ -216,29 +220,67 @@ def evaluate_decoder(
     return row, recon
 
 
+CROSS_CONDITIONS = {"decoder": "logits", "decoder_onehot": "onehot"}
+
+
+def judge_reconstructions(
+    decoder_model: str, recons: dict[str, torch.Tensor], originals: torch.Tensor, judge: Classifier
+) -> list[dict]:
+    """Rows of the cross-model table: model `judge` (B) looks at reconstructions (condition -> images [N, 3, s, s])
+    decoded from model `decoder_model`'s (A's) logits and at the originals [N, 3, s, s]: top-1 agreement of B on
+    reconstruction vs original, B's mean probability of the class it gives the original (judge_prob), retrieval
+    top-1 in B's penultimate feature space (is reconstruction i nearest original i among all N), chance = 1 / N."""
+    z_orig, f_orig = embed(judge, originals)
+    label = z_orig.argmax(1, keepdim=True)
+    rows = []
+    for condition, recon in recons.items():
+        z_rec, f_rec = embed(judge, recon)
+        rows.append(dict(
+            decoder_model=decoder_model, judge_model=judge.key, condition=condition,
+            agreement=M.agreement(z_rec, z_orig),
+            judge_prob=float(torch.softmax(z_rec.double(), 1).gather(1, label).mean()),
+            retrieval_top1_features=M.retrieval_top1(f_rec, f_orig), chance=1.0 / len(originals),
+            rows=len(originals),
+        ))  # fmt: skip
+    return rows
+
+
 def decoder_inversion(
     clf: Classifier, heldout: Classifier | None, train_images: torch.Tensor, test_images: torch.Tensor,
     cfg: DecoderConfig, condition: str = "standardised", untrained_control: bool = True, untrained_seed: int = 0,
+    judges: Sequence[Classifier] = (), device: str | torch.device = "cpu",
 ) -> tuple[Outcome, dict[str, tuple[LogitDecoder, Classifier]]]:  # fmt: skip
     """Train the logit decoder and its controls on the train split, evaluate on test. Controls: the same decoder
     conditioned on the one-hot argmax (method decoder_onehot: class identity only), and (optionally) the logit
     decoder trained on an untrained same-architecture network's logits (control "untrained"; agreement and
-    target_prob still use the trained classifier). Returns rows and (decoder, conditioning network) by name."""
+    target_prob still use the trained classifier). Every model in `judges` (same label space; clf itself
+    included if listed) then judges the reconstructions of the logit decoder (condition "logits") and of the
+    one-hot control ("onehot"): Outcome.cross (see judge_reconstructions). Decoders train on `device`.
+    Returns rows and (decoder, conditioning network) by name."""
     out, decoders = Outcome(), {}
     runs = [("decoder", "none", clf, condition), ("decoder_onehot", "none", clf, "onehot")]
     if untrained_control:
         runs.append(("decoder", "untrained", untrained_copy(clf, untrained_seed), condition))
+    recons: dict[str, torch.Tensor] = {}
     for method, control, net, cond in runs:
         z_train, _ = embed(net, train_images)
         z_test, _ = embed(net, test_images)
         t0 = time.perf_counter()
-        dec = fit_decoder(z_train, train_images, cond, cfg)
+        dec = fit_decoder(z_train, train_images, cond, cfg, device=device)
         sec = time.perf_counter() - t0
-        row, _ = evaluate_decoder(dec, clf, heldout, z_test, test_images)
+        row, recon = evaluate_decoder(dec, clf, heldout, z_test, test_images)
         decoders[method if control == "none" else f"{method}_{control}"] = (dec, net)
+        if control == "none":
+            recons[CROSS_CONDITIONS[method]] = recon
         out.rows.append(dict(model=clf.key, method=method, control=control, seed=cfg.seed, condition=cond,
                              loss=cfg.loss, epochs=dec.info["epochs"], seconds=sec, train_l1=dec.info["train_l1"],
                              **row))  # fmt: skip
+    originals = resize(test_images.float(), cfg.size)
+    for judge in judges:
+        if judge.num_classes != clf.num_classes:
+            raise UserError(f"inversion: judge '{judge.key}' has {judge.num_classes} classes, decoder model "
+                            f"'{clf.key}' {clf.num_classes}; the cross table needs one label space")  # fmt: skip
+        out.cross += judge_reconstructions(clf.key, recons, originals, judge)
     return out, decoders
 
 

@@ -21,6 +21,9 @@ COLUMNS = (
     "retrieval_top1_features", "chance", "agreement_source", "agreement_heldout", "condition", "loss", "epochs",
     "seconds",
 )  # fmt: skip
+CROSS_COLUMNS = (
+    "decoder_model", "judge_model", "condition", "agreement", "judge_prob", "retrieval_top1_features", "chance", "rows",
+)  # fmt: skip
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -60,6 +63,15 @@ def results_table(rows: Iterable[dict]) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = np.nan
     return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]]
+
+
+def cross_table(rows: Iterable[dict]) -> pd.DataFrame:
+    """Cross-model decoder rows (experiments.judge_reconstructions) -> DataFrame with CROSS_COLUMNS first."""
+    df = pd.DataFrame(list(rows))
+    for col in CROSS_COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.Series(dtype=object if col.endswith(("model", "condition")) else float)
+    return df[list(CROSS_COLUMNS) + [c for c in df.columns if c not in CROSS_COLUMNS]]
 
 
 def gallery_html(output_dir: Path, images: Sequence[tuple[str, str]]) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from featrec_grid.errors import UserError
-from featrec_grid.invert.pixels import embed, logits
+from featrec_grid.invert.pixels import device_of, embed, logits
 from featrec_grid.models import Classifier
 
 Classes = int | Sequence[int] | torch.Tensor
@@ -29,12 +29,12 @@ class Term:
     target_logits: torch.Tensor | None = None
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image loss [N] of pixel images x [N, 3, H, W] (lower is better)."""
+        """Per-image loss [N] of pixel images x [N, 3, H, W] (lower is better), on the classifier's device."""
         z = logits(self.classifier, x)
         if self.target_logits is None:
-            idx = self.target_class.expand(len(z)).unsqueeze(1)
+            idx = self.target_class.to(z.device).expand(len(z)).unsqueeze(1)
             return -self.weight * z.gather(1, idx).squeeze(1)
-        return self.weight * (z - self.target_logits.to(z.dtype)).abs().sum(1)
+        return self.weight * (z - self.target_logits.to(z.device, z.dtype)).abs().sum(1)
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     radius = min(math.ceil(2 * sigma), min(x.shape[-2:]) - 1)
     if sigma <= 0 or radius < 1:
         return x
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     c = x.shape[1]
@@ -162,7 +162,9 @@ def invert_many(
     target i of the objective (or the shared one). Each seed owns its noise and jitter, so an image does not depend
     on the rest of the batch. Each step: random roll by up to `jitter` pixels,
     gradient of the loss w.r.t. the pixels normalised by its mean absolute value, step of size lr (linearly annealed
-    start -> end), Gaussian blur every `blur_every` steps (sigma annealed start -> end), clamp to [0, 1]."""
+    start -> end), Gaussian blur every `blur_every` steps (sigma annealed start -> end), clamp to [0, 1].
+    Runs on the first classifier's device (see pixels.on_device; noise and jitter are drawn on the CPU, so a seed
+    gives the same start everywhere); images come back on the CPU."""
     if steps < 1 or not seeds:
         raise UserError(f"inversion: need steps >= 1 and at least one seed (got steps={steps}, seeds={list(seeds)})")
     if objective.batch not in (1, len(seeds)):
@@ -172,7 +174,7 @@ def invert_many(
     size = int(size or max(c.input.size for c in objective.classifiers))
     starts = torch.stack([start_noise(s, size, noise_mean, noise_scale) for s in seeds])
     gens = [torch.Generator().manual_seed(10_000 + int(s)) for s in seeds]
-    x = starts.clone()
+    x = starts.to(device_of(objective.classifiers[0]), copy=True)
     losses: list[torch.Tensor] = []
     for step in range(steps):
         t = step / max(steps - 1, 1)
@@ -193,9 +195,10 @@ def invert_many(
             x = x.clamp(0, 1)
     with torch.no_grad():
         final = objective.loss(x)
-    hist = torch.stack([*losses, final]).T
+    hist = torch.stack([*losses, final]).T.cpu()
+    x = x.detach().cpu()
     return [
-        InversionResult(image=x[i].detach(), start=starts[i], seed=int(s), history={"loss": hist[i].tolist()})
+        InversionResult(image=x[i], start=starts[i], seed=int(s), history={"loss": hist[i].tolist()})
         for i, s in enumerate(seeds)
     ]
 
@@ -207,8 +210,10 @@ def invert(objective: Objective, *, seed: int = 0, **kwargs) -> InversionResult:
 
 def untrained_copy(clf: Classifier, seed: int = 0) -> Classifier:
     """The same architecture with freshly initialised weights (every module's reset_parameters, N(0, 0.02) for
-    parameters no module resets, BatchNorm running statistics reset) and a fresh linear head: the untrained control."""
-    backbone = copy.deepcopy(clf.backbone)
+    parameters no module resets, BatchNorm running statistics reset) and a fresh linear head: the untrained control.
+    Initialised on the CPU (the same weights whatever the device), then placed where `clf` is."""
+    device = device_of(clf)
+    backbone = copy.deepcopy(clf.backbone).cpu()
     with torch.random.fork_rng():
         torch.manual_seed(int(seed))
         for m in backbone.modules():
@@ -219,12 +224,12 @@ def untrained_copy(clf: Classifier, seed: int = 0) -> Classifier:
                 for p in m.parameters(recurse=False):
                     torch.nn.init.normal_(p, std=0.02)
         head = torch.nn.Linear(clf.feature_dim, clf.num_classes)
-    backbone.eval()
+    backbone.to(device).eval()
     return Classifier(
         key=f"{clf.key}~untrained",
         backbone=backbone,
-        head_weight=head.weight.detach().clone(),
-        head_bias=head.bias.detach().clone(),
+        head_weight=head.weight.detach().clone().to(device),
+        head_bias=head.bias.detach().clone().to(device),
         input=clf.input,
         weights_digest=f"untrained-seed{seed}",
         family=clf.family,

@@ -1,4 +1,8 @@
-"""One call for the lead: every inversion experiment for a set of classifiers -> PNG grids + the results table."""
+"""Every inversion experiment for a set of classifiers -> PNG grids + the results table + the cross-model table.
+
+The work is split into stages (class and match per model, the pair objectives, the decoders per model); each
+stage is a plain function of loaded classifiers and images that returns an Outcome and writes nothing, so
+`spec_run` can run each as a Ray task while `run_inversion` runs them in turn in this process."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from featrec_grid.invert.experiments import (
     pair_objectives,
     pick_items,
 )
-from featrec_grid.invert.gallery import results_table, safe_name, save_grid
+from featrec_grid.invert.gallery import cross_table, results_table, safe_name, save_grid
 from featrec_grid.invert.manipulate import DEFAULT_VALUES, manipulation_grid
 from featrec_grid.invert.pixels import embed, resize
 from featrec_grid.models import Classifier
@@ -39,7 +43,8 @@ class InversionConfig:
     `max_classes` classes evenly spaced over the label space. `pair` None: the first two models (in the order given)
     with equal class counts. `match_cross` adds a match of each model to another model's logits. `threads`: torch
     intra-op threads while running (restored after; None leaves torch's setting): 1 by default because these
-    models are tiny and, measured on a shared 2-core machine, 2 threads made decoder training 3-13x slower."""
+    models are tiny and, measured on a shared 2-core machine, 2 threads made decoder training 3-13x slower.
+    `gpus`: the share of a GPU each inversion task asks for when the Ray cluster has GPUs (ignored otherwise)."""
 
     optim: OptimSettings = field(default_factory=OptimSettings)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -56,6 +61,7 @@ class InversionConfig:
     gallery_items: int = 10
     manipulation_items: int = 3
     threads: int | None = 1
+    gpus: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.seeds:
@@ -67,6 +73,8 @@ class InversionConfig:
                 f"inversion config: decoder_condition '{self.decoder_condition}' must be one of "
                 f"{', '.join(c for c in CONDITIONS if c != 'onehot')} (onehot is the control, always run)"
             )
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int | float) or not 0 <= self.gpus <= 1:
+            raise UserError(f"inversion config: gpus {self.gpus!r} must be a number from 0 to 1 (a share of one GPU)")
 
 
     @classmethod
@@ -95,7 +103,7 @@ def _classes(num_classes: int, cfg: InversionConfig) -> list[int]:
     return sorted({int(round(c)) for c in np.linspace(0, num_classes - 1, min(num_classes, cfg.max_classes))})
 
 
-def _check_images(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+def check_images(name: str, images: torch.Tensor, labels: torch.Tensor) -> None:
     if images.dim() != 4 or images.shape[1] != 3 or len(images) < 2:
         raise UserError(f"inversion: {name} must be a tensor [N >= 2, 3, H, W]; got shape {tuple(images.shape)}")
     if not torch.isfinite(images).all() or images.min() < -1e-6 or images.max() > 1 + 1e-6:
@@ -130,7 +138,7 @@ def _third(classifiers: dict[str, Classifier], heldout: dict[str, str], a: str, 
 
 
 @contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -138,6 +146,87 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+STAGES = ("class", "match", "pair", "decoder")
+
+
+def plan_stages(classifiers: dict[str, Classifier], cfg: InversionConfig) -> list[tuple[str, Any]]:
+    """Every stage in report order: (class, model), (match, model), (pair, (a, b)) for one pair, (decoder, model)."""
+    pair = _pair(classifiers, cfg)
+    steps: list[tuple[str, Any]] = [("class", k) for k in classifiers] + [("match", k) for k in classifiers]
+    steps += [("pair", pair)] if pair else []
+    return steps + [("decoder", k) for k in classifiers]
+
+
+def stage_name(stage: str, arg: Any) -> str:
+    """A stage's task name: 'class mlp', 'pair mlp cnn', 'decoder resnet'."""
+    return f"{stage} {' '.join(arg) if isinstance(arg, tuple) else arg}"
+
+
+def stage_models(
+    stage: str, arg: Any, classifiers: dict[str, Classifier], heldout: dict[str, str], cfg: InversionConfig
+) -> list[str]:
+    """The models a stage uses (in the order of `classifiers`): running the stage with only these loaded gives the
+    same result as with all of them. Decoders use every model of their label space (the cross-model judges)."""
+    if stage == "pair":
+        a, b = arg
+        third = _third(classifiers, heldout, a, b)
+        need = {a, b} | ({third.key} if third is not None else set())
+    else:
+        clf = classifiers[arg]
+        held = classifiers.get(heldout.get(arg, ""))
+        need = {arg} | ({held.key} if held is not None else set())
+        if stage == "match":
+            source = _match_source(classifiers, clf, held, cfg)
+            need |= {source.key} if source is not None else set()
+        elif stage == "decoder":
+            need |= {k for k, c in classifiers.items() if c.num_classes == clf.num_classes}
+    return [k for k in classifiers if k in need]
+
+
+def run_stage(
+    stage: str, arg: Any, classifiers: dict[str, Classifier], heldout: dict[str, str], train_images: torch.Tensor | None,
+    test_images: torch.Tensor | None, test_labels: torch.Tensor | None, cfg: InversionConfig,
+    device: str | torch.device = "cpu",
+) -> Outcome:  # fmt: skip
+    """Run one stage (see plan_stages) and return its rows, cross-table rows and image grids (CPU tensors); writes
+    nothing. Classifiers compute where they live (pixels.on_device); decoders train on `device`. `classifiers`
+    needs at least stage_models(...); `heldout[m]` names the model that scores m's images."""
+    t0 = time.perf_counter()
+    if stage == "pair":
+        a, b = classifiers[arg[0]], classifiers[arg[1]]
+        got = pair_objectives(a, b, _third(classifiers, heldout, *arg), _classes(a.num_classes, cfg), cfg.seeds,
+                              cfg.optim, cfg.combine_weights, cfg.controls, cfg.untrained_seed)  # fmt: skip
+    elif stage in STAGES:
+        clf = classifiers[arg]
+        held = classifiers.get(heldout.get(arg, ""))
+        classes = _classes(clf.num_classes, cfg)
+        if stage == "class":
+            got = class_visualisation(clf, held, classes, cfg.seeds, cfg.optim, cfg.controls, cfg.untrained_seed)
+        elif stage == "match":
+            got = _match(classifiers, clf, held, classes, test_images, test_labels, cfg)
+        else:
+            got = _decoders(classifiers, clf, held, classes, train_images, test_images, test_labels, cfg, device)
+    else:
+        raise UserError(f"inversion: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    for row in got.rows:
+        row.setdefault("stage_seconds", time.perf_counter() - t0)
+        row.setdefault("device", str(device))
+    return got
+
+
+def write_outcome(result: Outcome, out_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]], pd.DataFrame]:
+    """The driver's part: write every grid as a PNG under out_dir; return (results table, [(caption, png name)],
+    cross-model table)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = []
+    for stem, (caption, grid) in result.grids.items():
+        name = safe_name("inv", stem) + ".png"
+        save_grid(grid, out_dir / name)
+        images.append((caption, name))
+    return results_table(result.rows), images, cross_table(result.cross)
 
 
 def run_inversion(
@@ -152,13 +241,31 @@ def run_inversion(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run class visualisation, combined/difference for a pair, match, the logit decoder and its one-hot control,
-    with controls, for every classifier; write PNG grids to output_dir; return the results table (one row per
-    model, method, control, seed and class/item). `heldout[m]` names the held-out model that scores m's images
-    (absent: heldout metrics NaN). Labels only choose which test images to show and match (one per class in turn).
-    The returned frame's attrs["images"] lists (caption, png file name) for gallery_html."""
+    with controls, for every classifier, one stage after another in this process (`featrec-grid invert` runs the
+    same stages as Ray tasks); write PNG grids to output_dir; return the results table (one row per model, method,
+    control, seed and class/item). `heldout[m]` names the held-out model that scores m's images (absent: heldout
+    metrics NaN). Labels only choose which test images to show and match (one per class in turn).
+    The returned frame's attrs["images"] lists (caption, png file name) for gallery_html, attrs["cross"] the
+    cross-model decoder table as a list of row dicts (pandas.DataFrame(attrs["cross"]))."""
     cfg = config or InversionConfig()
     if not classifiers:
         raise UserError("inversion: no classifiers given")
+    check_heldout(classifiers, heldout)
+    check_images("train_images", train_images, train_labels)
+    check_images("test_images", test_images, test_labels)
+    result = Outcome()
+    with torch_threads(cfg.threads):
+        bar = tqdm(plan_stages(classifiers, cfg), desc="inversion", disable=not progress)
+        for stage, arg in bar:
+            bar.set_postfix_str(stage_name(stage, arg))
+            result.add(run_stage(stage, arg, classifiers, heldout, train_images, test_images, test_labels, cfg))
+    df, images, cross = write_outcome(result, Path(output_dir))
+    df.attrs["images"] = images
+    df.attrs["cross"] = cross.to_dict("records")
+    return df
+
+
+def check_heldout(classifiers: dict[str, Classifier], heldout: dict[str, str]) -> None:
     for m, h in heldout.items():
         if m not in classifiers or h not in classifiers or m == h:
             raise UserError(f"inversion: heldout entry {m!r} -> {h!r} must map a model to a different model of "
@@ -166,51 +273,17 @@ def run_inversion(
         if classifiers[m].num_classes != classifiers[h].num_classes:
             raise UserError(f"inversion: heldout entry {m!r} -> {h!r} crosses label spaces "
                             f"({classifiers[m].num_classes} vs {classifiers[h].num_classes} classes)")  # fmt: skip
-    _check_images("train_images", train_images, train_labels)
-    _check_images("test_images", test_images, test_labels)
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _torch_threads(cfg.threads):
-        return _run(classifiers, heldout, train_images, test_images, test_labels, cfg, out_dir, progress)
 
 
-def _run(
-    classifiers: dict[str, Classifier], heldout: dict[str, str], train_images: torch.Tensor,
-    test_images: torch.Tensor, test_labels: torch.Tensor, cfg: InversionConfig, out_dir: Path, progress: bool,
-) -> pd.DataFrame:  # fmt: skip
-    pair = _pair(classifiers, cfg)
-    steps = [("class", k) for k in classifiers] + [("match", k) for k in classifiers]
-    steps += [("pair", pair)] if pair else []
-    steps += [("decoder", k) for k in classifiers]
-    result, images = Outcome(), []
-    bar = tqdm(steps, desc="inversion", disable=not progress)
-    for stage, arg in bar:
-        bar.set_postfix_str(f"{stage} {arg}")
-        t0 = time.perf_counter()
-        if stage == "pair":
-            a, b = classifiers[arg[0]], classifiers[arg[1]]
-            got = pair_objectives(a, b, _third(classifiers, heldout, *arg), _classes(a.num_classes, cfg), cfg.seeds,
-                                  cfg.optim, cfg.combine_weights, cfg.controls, cfg.untrained_seed)  # fmt: skip
-        else:
-            clf = classifiers[arg]
-            held = classifiers.get(heldout.get(arg, ""))
-            classes = _classes(clf.num_classes, cfg)
-            if stage == "class":
-                got = class_visualisation(clf, held, classes, cfg.seeds, cfg.optim, cfg.controls, cfg.untrained_seed)
-            elif stage == "match":
-                got = _match(classifiers, clf, held, classes, test_images, test_labels, cfg)
-            else:
-                got = _decoders(clf, held, classes, train_images, test_images, test_labels, cfg)
-        for row in got.rows:
-            row.setdefault("stage_seconds", time.perf_counter() - t0)
-        result.add(got)
-    for stem, (caption, grid) in result.grids.items():
-        name = safe_name("inv", stem) + ".png"
-        save_grid(grid, out_dir / name)
-        images.append((caption, name))
-    df = results_table(result.rows)
-    df.attrs["images"] = images
-    return df
+def _match_source(
+    classifiers: dict[str, Classifier], clf: Classifier, held: Classifier | None, cfg: InversionConfig
+) -> Classifier | None:
+    """The model whose logits clf cross-matches: another model of its label space other than the held-out one when
+    possible, else the held-out one; None without cross-matching."""
+    others = [c for k, c in classifiers.items() if k != clf.key and c.num_classes == clf.num_classes]
+    if not cfg.match_cross or not others:
+        return None
+    return next((c for c in others if held is None or c.key != held.key), others[0])
 
 
 def _match(
@@ -221,9 +294,8 @@ def _match(
     other than the held-out one when possible, else the held-out one, whose probabilities are then not reported)."""
     items = pick_items(test_labels, classes, len(cfg.seeds))
     out = match_inversion(clf, clf, held, test_images, items, cfg.seeds, cfg.optim, cfg.controls, cfg.untrained_seed)
-    others = [c for k, c in classifiers.items() if k != clf.key and c.num_classes == clf.num_classes]
-    if cfg.match_cross and others:
-        source = next((c for c in others if held is None or c.key != held.key), others[0])
+    source = _match_source(classifiers, clf, held, cfg)
+    if source is not None:
         scorer = held if held is not None and held.key != source.key else None
         out.add(match_inversion(clf, source, scorer, test_images, items, cfg.seeds, cfg.optim, cfg.controls,
                                 cfg.untrained_seed))  # fmt: skip
@@ -231,12 +303,15 @@ def _match(
 
 
 def _decoders(
-    clf: Classifier, held: Classifier | None, classes: list[int], train_images: torch.Tensor,
-    test_images: torch.Tensor, test_labels: torch.Tensor, cfg: InversionConfig,
+    classifiers: dict[str, Classifier], clf: Classifier, held: Classifier | None, classes: list[int],
+    train_images: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor, cfg: InversionConfig,
+    device: str | torch.device = "cpu",
 ) -> Outcome:  # fmt: skip
-    """Logit decoder + one-hot control (+ untrained-network control), reconstructions grid and manipulation grids."""
+    """Logit decoder + one-hot control (+ untrained-network control), judged by every model of clf's label space
+    (the cross-model table), reconstructions grid and manipulation grids."""
+    judges = [c for c in classifiers.values() if c.num_classes == clf.num_classes]
     out, decoders = decoder_inversion(clf, held, train_images, test_images, cfg.decoder, cfg.decoder_condition,
-                                      cfg.decoder_untrained_control, cfg.untrained_seed)  # fmt: skip
+                                      cfg.decoder_untrained_control, cfg.untrained_seed, judges, device)  # fmt: skip
     items = pick_items(test_labels, classes, cfg.gallery_items)
     rows = [resize(test_images[items].float(), cfg.decoder.size)]
     for name in ("decoder", "decoder_onehot", "decoder_untrained"):
