@@ -38,10 +38,13 @@ def main() -> None:
 @click.option("--address", help="Join this Ray cluster ('auto' or host:port); default: a fresh single-node Ray.")
 @click.option("--store", "store_uri", help="Store location overriding the spec's (a path, s3://... or gs://...).")
 @click.option("--rebuild", is_flag=True, help="Recompute shards (also corrupt ones) and pairs instead of reusing them.")
+@click.option("--download", is_flag=True,
+              help="Download missing datasets (CIFAR-10/100, Places365) through torchvision into each data root.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar over tasks.")
 def run(
-    spec: str, output: str | None, address: str | None, store_uri: str | None, rebuild: bool, progress: bool
-) -> None:
+    spec: str, output: str | None, address: str | None, store_uri: str | None, rebuild: bool, download: bool,
+    progress: bool,
+) -> None:  # fmt: skip
     """Run the grid in SPEC: extract, fit every pair, reduce, write the report.
 
     Exit codes: 0 done; 1 some tasks failed (finished work kept, rerun resumes); 2 bad input.
@@ -54,6 +57,8 @@ def run(
     grid_spec = load_spec(spec)
     if store_uri:
         grid_spec = replace(grid_spec, store=absolute_location(store_uri))
+    if download:
+        grid_spec = grid_spec.with_download()
     outcome = run_grid(grid_spec, address=address, output=output, rebuild=rebuild, progress=progress, echo=click.echo)
     if outcome.user_error:
         raise UserError(outcome.user_error)
@@ -79,12 +84,15 @@ def _stage(spec: str, output: str | None, compute, save) -> None:
 def plan(spec: str) -> None:
     """Validate SPEC and print the tasks a run would schedule, without running anything."""
     from .grid import plan as make_plan
+    from .models import check_architecture
     from .spec import load_spec
 
     grid_spec = load_spec(spec)
+    for ref in grid_spec.models.values():
+        check_architecture(ref)
     tasks = make_plan(grid_spec)
-    click.echo(f"spec {grid_spec.name}: {len(grid_spec.models)} models, {len(grid_spec.pairs)} pairs, "
-               f"methods {', '.join(grid_spec.fit.methods)}")
+    cells = ", ".join(f"{c.setting}/{c.mode} [{' '.join(c.fit.methods)}]" for c in grid_spec.cells())
+    click.echo(f"spec {grid_spec.name}: {len(grid_spec.models)} models, {len(grid_spec.pairs)} pairs; {cells}")
     click.echo(f"store  {grid_spec.store}\noutput {grid_spec.output}")
     for t in tasks:
         click.echo(f"  {t.name}")
@@ -94,18 +102,35 @@ def plan(spec: str) -> None:
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default: the spec's `output`).")
+@click.option("--address", help="Join this Ray cluster ('auto' or host:port); default: a fresh single-node Ray.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def invert(spec: str, output: str | None, progress: bool) -> None:
+def invert(spec: str, output: str | None, address: str | None, progress: bool) -> None:
     """Invert logits back to images for the models in SPEC (its `inversion:` block tunes it).
 
     Gradient-based class visualisation, combined and difference objectives and logit matching, then a
-    decoder conditioned on logits against the same decoder conditioned on one-hot labels, with controls.
-    Writes inversion.parquet, PNG galleries and the report section.
+    decoder conditioned on logits against the same decoder conditioned on one-hot labels, with controls,
+    and every decoder's reconstructions judged by every model. Each stage is a Ray task (on a GPU when the
+    cluster has one). Writes inversion.parquet, inversion_cross.parquet, PNG galleries and the report section.
+
+    Exit codes: 0 done; 1 some tasks failed (the others' results are written); 2 bad input.
     """
     from .invert.spec_run import run_invert_spec
     from .reduce import save_inversion
 
-    _stage(spec, output, lambda grid_spec, out: run_invert_spec(grid_spec, out, progress), save_inversion)
+    outcomes = []
+
+    def compute(grid_spec, out):
+        outcomes.append(run_invert_spec(grid_spec, out, progress, address=address))
+        return outcomes[-1]
+
+    _stage(spec, output, compute, save_inversion)
+    outcome = outcomes[-1]
+    for name, msg in outcome.failures.items():
+        click.echo(f"failed: {name}: {msg}")
+    click.echo(f"inversion: {len(outcome.failures)} of {outcome.tasks} tasks failed, {outcome.seconds:.1f} s")
+    if outcome.user_error:
+        raise UserError(outcome.user_error)
+    sys.exit(outcome.exit_code)
 
 
 @main.command()
@@ -146,11 +171,52 @@ def bench_fit(as_json: bool, store: str, rows: int, epochs: int) -> None:
 
 @bench.command("extract")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def bench_extract(as_json: bool) -> None:
-    """Extraction into the store vs a bare forward loop over the same model and data."""
-    from .bench.extract import format_extract_bench, run_extract_bench
+@click.option("--throughput", is_flag=True,
+              help="Images/s of a torchvision model on random images: extraction path vs bare forward (GPU mode).")
+@click.option("--arch", help="[--throughput] torchvision architecture, random weights.  [default: resnet50]")
+@click.option("--size", type=click.IntRange(min=1), help="[--throughput] image side in pixels.  [default: 224]")
+@click.option("--device", help="[--throughput] cuda, cuda:N or cpu.  [default: cuda if available, else cpu]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+              help="[--throughput] fp32, or bf16 autocast.  [default: fp32]")
+@click.option("--images", type=click.IntRange(min=1),
+              help="[--throughput] images per timed run, rounded up to whole batches.  [default: 8192]")
+@click.option("--batch-size", help="[--throughput] a positive integer or 'auto' (largest power of two <= 1024 "
+              "that fits on CUDA; 64 on CPU).  [default: auto]")
+@click.option("--repeats", type=click.IntRange(min=1),
+              help="[--throughput] alternating timed runs per side; the best counts.  [default: 3]")
+def bench_extract(
+    as_json: bool, throughput: bool, arch: str | None, size: int | None, device: str | None,
+    precision: str | None, images: int | None, batch_size: str | None, repeats: int | None,
+) -> None:
+    """Extraction into the store vs a bare forward loop over the same model and data.
 
-    _emit(run_extract_bench(), as_json, format_extract_bench)
+    With --throughput: images/s of a torchvision model (random weights, random images) through the
+    extraction path (extract_batch, channels_last on CUDA, optional bf16) vs a bare forward loop of the
+    same model at the same batch size and precision, and their ratio. For example, on a GPU machine:
+    featrec-grid bench extract --throughput --device cuda --precision bf16
+    """
+    from .bench.extract import (
+        format_extract_bench,
+        format_throughput_bench,
+        run_extract_bench,
+        run_throughput_bench,
+    )
+
+    given = {"arch": arch, "size": size, "device": device, "precision": precision, "images": images,
+             "batch_size": batch_size, "repeats": repeats}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not throughput:
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise UserError(f"{names} only apply with --throughput")
+        _emit(run_extract_bench(), as_json, format_extract_bench)
+        return
+    if "batch_size" in given and given["batch_size"] != "auto":
+        try:
+            given["batch_size"] = int(given["batch_size"])
+        except ValueError:
+            raise UserError(f"--batch-size {batch_size!r} is not allowed; use a positive integer or 'auto'") from None
+    _emit(run_throughput_bench(**given), as_json, format_throughput_bench)
 
 
 @bench.command("cka")

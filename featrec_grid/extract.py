@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,21 +15,96 @@ from .refs import DataRef, ModelRef
 from .store import Store
 
 FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "bf16")  # fp32: plain float32 forward; bf16: torch.autocast(bfloat16) around the backbone
+CPU_AUTO_BATCH = 64  # what batch_size="auto" means off CUDA
+AUTO_START = 1024  # the first batch size batch_size="auto" tries on CUDA
 
 
-def shard_key(model: ModelRef, data: DataRef) -> str:
-    """Cache key of a shard set: everything that determines its content, known before loading anything."""
-    payload = {
+def check_precision(precision: Any) -> str:
+    """`precision` if it is one of PRECISIONS, else a UserError naming it and the allowed values."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
+    return precision
+
+
+def shard_key(model: ModelRef, data: DataRef, precision: str = "fp32") -> str:
+    """Cache key of a shard set: everything that determines its content, known before loading anything.
+
+    `precision` is the extraction setting that changes the numbers. fp32 adds nothing to the payload, so keys
+    of fp32 sets are those from before precision existed and existing stores stay valid; any other precision
+    enters the payload, so e.g. bf16 shards never pass for fp32 ones (or the reverse). The data option
+    `download` only says how to get the files, not what they hold, so it is left out.
+    """
+    payload: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "model": [model.source, model.architecture, model.weights, model.options],
-        "data": [data.dataset, data.split, data.options],
+        "data": [data.dataset, data.split, {k: v for k, v in data.options.items() if k != "download"}],
     }
+    if check_precision(precision) != "fp32":
+        payload["extraction"] = {"precision": precision}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def split_status(store: Store, model: ModelRef, data: DataRef):
-    """The store's verdict on this (model, split): missing, stale, corrupt or complete."""
-    return store.check_split(store.split_dir(model.key, data), shard_key(model, data))
+def split_status(store: Store, model: ModelRef, data: DataRef, precision: str = "fp32"):
+    """The store's verdict on this (model, split) at this precision: missing, stale, corrupt or complete."""
+    return store.check_split(store.split_dir(model.key, data), shard_key(model, data, precision))
+
+
+def largest_batch(
+    try_batch: Callable[[int], None],
+    start: int = AUTO_START,
+    minimum: int = 1,
+    on_oom: Callable[[], None] | None = None,
+) -> int:
+    """The first of start, start/2, start/4, ... (>= minimum) for which `try_batch(n)` returns without raising
+    torch.cuda.OutOfMemoryError; `on_oom` (e.g. torch.cuda.empty_cache) runs after each failure, once the
+    error and the frames it holds are released. Other errors propagate. UserError if even `minimum` fails.
+    """
+    import torch
+
+    if not 1 <= minimum <= start:
+        raise ValueError(f"need 1 <= minimum <= start, got minimum={minimum}, start={start}")
+    batch = start
+    while batch >= minimum:
+        try:
+            try_batch(batch)
+            return batch
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the except block first: it frees the failed attempt's tensors before on_oom
+        if on_oom is not None:
+            on_oom()
+        batch //= 2
+    raise UserError(
+        f"out of GPU memory even at batch size {minimum} (tried {start} and halved down to {minimum}); "
+        "free GPU memory, use a smaller input size or extract on CPU"
+    )
+
+
+def auto_batch_size(clf: Any, size: int, device: str, precision: str = "fp32", start: int = AUTO_START) -> int:
+    """batch_size="auto": on CUDA the largest power of two <= `start` for which one extraction forward of `clf`
+    (already on `device`) on a dummy [n, 3, size, size] channels_last batch fits in memory; CPU_AUTO_BATCH else."""
+    import torch
+
+    from .models import extract_batch
+
+    if torch.device(device).type != "cuda":
+        return CPU_AUTO_BATCH
+
+    def try_batch(n: int) -> None:
+        x = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            extract_batch(clf, x, check=False, precision=precision)
+        torch.cuda.synchronize(device)
+
+    batch = largest_batch(try_batch, start, on_oom=torch.cuda.empty_cache)
+    torch.cuda.empty_cache()
+    return batch
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    ok = batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0)
+    if not ok:
+        raise UserError(f"batch size {batch_size!r} is not allowed; use a positive integer or 'auto'")
 
 
 def extract_split(
@@ -37,7 +112,8 @@ def extract_split(
     data: DataRef,
     store: Store,
     *,
-    batch_size: int = 64,
+    precision: str = "fp32",
+    batch_size: int | str = 64,
     rows_per_shard: int = 65536,
     rebuild: bool = False,
     device: str | None = None,
@@ -46,14 +122,21 @@ def extract_split(
 
     Returns the manifest plus `reused` (True when nothing was computed). A corrupt set is an error naming
     its path unless `rebuild` is set.
+
+    `precision` is one of PRECISIONS: "bf16" runs the backbone under torch.autocast(bfloat16); features and
+    logits are stored as float32 either way, and the precision enters the cache key. `batch_size` is a
+    positive integer or "auto" (see auto_batch_size). On CUDA the model and each input batch are channels_last.
+    Precision and the batch size used are recorded in the manifest.
     """
     import torch
 
     from .data import TransformedDataset, load_dataset
-    from .models import extract_batch, load_classifier
+    from .models import extract_batch, input_for, load_classifier
 
+    check_precision(precision)
+    _check_batch_size(batch_size)
     rel = store.split_dir(model.key, data)
-    key = shard_key(model, data)
+    key = shard_key(model, data, precision)
     status = store.check_split(rel, key)
     if status.state == "complete" and not rebuild:
         return {**status.manifest, "reused": True}
@@ -63,18 +146,29 @@ def extract_split(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     clf = load_classifier(model, store)
+    on_cuda = torch.device(device).type == "cuda"
     clf.backbone.to(device)
-    if device == "cuda":
+    if on_cuda:
         clf.backbone.to(memory_format=torch.channels_last)
     dataset = load_dataset(data)
+    inp = input_for(clf, data.options)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(clf, inp.size, device, precision)
     loader = torch.utils.data.DataLoader(
-        TransformedDataset(dataset, clf.input.transform()), batch_size=batch_size, shuffle=False, num_workers=0
+        TransformedDataset(dataset, inp.transform()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=0,
+        pin_memory=on_cuda,
     )
 
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         with torch.inference_mode():
             for x, label, index in loader:
-                feats, logits = extract_batch(clf, x.to(device))
+                x = x.to(device, non_blocking=on_cuda)
+                if on_cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                feats, logits = extract_batch(clf, x, precision=precision)
                 yield (
                     index.numpy().astype(np.int64),
                     label.numpy().astype(np.int64),
@@ -96,9 +190,12 @@ def extract_split(
         "data_options": data.options,
         "label_space": clf.info.get("label_space"),
         "dataset_label_space": getattr(dataset, "label_space", None),
-        "transform": clf.input.as_dict(),
+        "transform": inp.as_dict(),
         "model_info": {k: v for k, v in clf.info.items() if isinstance(v, str | int | float | bool | None)},
         "device": device,
+        "precision": precision,
+        "batch_size": batch_size,
+        "channels_last": on_cuda,
         "torch": torch.__version__,
     }
     head = (clf.head_weight.detach().float().cpu().numpy(), clf.head_bias.detach().float().cpu().numpy())

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,10 @@ import pandas as pd
 from . import reduce
 from .errors import UserError
 from .extract import shard_key
+from .model_table import placeholder_row
 from .publish import CKA_COLUMNS, used_models
 from .refs import DataRef
-from .spec import GridSpec
+from .spec import Cell, GridSpec
 from .store import Store
 
 PAIR_VERSION = 1
@@ -41,36 +42,49 @@ class PlannedTask:
     data: DataRef | None = None
     pair: tuple[str, str] | None = None
     method: str | None = None
+    cell: Cell | None = None
+
+
+def pair_todo(spec: GridSpec) -> list[tuple[Cell, str, str, str]]:
+    """Every (cell, source, target, method) the spec asks for, in order."""
+    return [(c, s, t, m) for c in spec.cells() for m in c.fit.methods for s, t in c.fit.pairs_for(m, spec.pairs)]
+
+
+def _fit_name(spec: GridSpec, cell: Cell, s: str, t: str, method: str) -> str:
+    where = f" {cell.setting}/{cell.mode}" if len(spec.cells()) > 1 else ""
+    return f"fit {s} -> {t} [{method}]{where}"
 
 
 def plan(spec: GridSpec) -> list[PlannedTask]:
     """Every task of the grid in dependency order (before looking at what is already stored)."""
     used = used_models(spec)
+    cells = spec.cells()
     tasks = [PlannedTask("train_zoo", f"train_zoo {m}", model=m) for m in used if spec.models[m].source == "zoo"]
+    datas = list(dict.fromkeys(d for c in cells for d in (c.train, c.test)))
     for m in used:
-        for d in (spec.train, spec.test):
+        for d in datas:
             tasks.append(PlannedTask("extract", f"extract {m} {d.key}/{d.split}", model=m, data=d))
-    if "ridge" in spec.fit.methods:
-        for m in dict.fromkeys(s for s, _ in spec.pairs):
-            tasks.append(PlannedTask("source_stats", f"source_stats {m} {spec.train.key}/{spec.train.split}", model=m))
-    for method in spec.fit.methods:
-        for s, t in spec.pairs:
-            tasks.append(PlannedTask("fit", f"fit {s} -> {t} [{method}]", pair=(s, t), method=method))
+    stats = dict.fromkeys((s, c.train) for c, s, _, method in pair_todo(spec) if method == "ridge")
+    for m, d in stats:
+        tasks.append(PlannedTask("source_stats", f"source_stats {m} {d.key}/{d.split}", model=m, data=d))
+    for c, s, t, method in pair_todo(spec):
+        tasks.append(PlannedTask("fit", _fit_name(spec, c, s, t, method), pair=(s, t), method=method, cell=c))
     return tasks
 
 
-def pair_key(spec: GridSpec, source: str, target: str, method: str) -> str:
+def pair_key(spec: GridSpec, cell: Cell, source: str, target: str, method: str) -> str:
     """Everything a pair's result depends on: the four shard sets and the fit settings of its method."""
     m = spec.models
     fit = {"method": method, "version": PAIR_VERSION}
     if method == "ridge":
-        fit.update(alphas=spec.fit.alphas, val_fraction=spec.fit.val_fraction)
+        fit.update(alphas=cell.fit.alphas, val_fraction=cell.fit.val_fraction)
+        if source == target and cell.fit.self_alpha is not None:
+            fit.update(self_alpha=cell.fit.self_alpha)
+    elif method == "sgd":
+        fit.update(sgd=cell.fit.sgd)
     else:
-        fit.update(sgd=spec.fit.sgd)
-    payload = [
-        shard_key(m[source], spec.train), shard_key(m[source], spec.test),
-        shard_key(m[target], spec.train), shard_key(m[target], spec.test), fit,
-    ]  # fmt: skip
+        fit.update(mlp=cell.fit.mlp, val_fraction=cell.fit.val_fraction)
+    payload = [*(_shard_key(spec, m[k], d) for k in (source, target) for d in (cell.train, cell.test)), fit]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -158,10 +172,17 @@ def _train_zoo(model, store):
     return ensure_trained(model, store)
 
 
-def _extract(model, data, store, batch_size, rows_per_shard, rebuild, *after):
+def _extract(model, data, store, resources, rebuild, *after):
     from .extract import extract_split
 
-    return extract_split(model, data, store, batch_size=batch_size, rows_per_shard=rows_per_shard, rebuild=rebuild)
+    return extract_split(model, data, store, batch_size=resources.batch_size, rows_per_shard=resources.rows_per_shard,
+                         precision=resources.precision, rebuild=rebuild)  # fmt: skip
+
+
+def _model_row(store, model, test, *after):
+    from .model_table import model_row
+
+    return model_row(store, model, test)
 
 
 def _source_stats(store, model, train, fit, *after):
@@ -174,6 +195,67 @@ def _fit(store, source, target, train, test, fit, method, stats, *after):
     from .pairs import fit_pair
 
     return fit_pair(store, source, target, train, test, fit, method, stats)
+
+
+def _mlp_trial(config: dict[str, Any], tasks: list[tuple]) -> None:
+    """One Ray Tune trial: the MLP map of pair config["pair"] with the sampled hyperparameters, reporting held-out
+    MSE each epoch and, last, the best epoch's held-out MSE with the results row (scored on test) as JSON."""
+    from ray import tune
+
+    from .pairs import fit_pair
+
+    store, s, t, train, test, fit = tasks[config["pair"]]
+    hp = {k: v for k, v in config.items() if k != "pair"}
+    row = fit_pair(store, s, t, train, test, fit, "mlp", mlp_config=hp,
+                   report=lambda epoch, val_mse: tune.report({"val_mse": val_mse, "epoch": epoch}))  # fmt: skip
+    tune.report({"val_mse": row["val_mse"], "row": json.dumps(row, default=float)})
+
+
+def _tune_mlp(
+    spec: GridSpec, store: Store, out_dir: Path, todo: list[tuple[Cell, str, str, str]], gpus: float
+) -> tuple[list[tuple[tuple[Cell, str, str, str], dict]], dict[str, str]]:
+    """The MLP maps of `todo`, each chosen by a Ray Tune search: `fit.mlp.trials` configurations per pair sampled
+    (seeded) from `fit.mlp.search` (default mlpmap.SEARCH_SPACE); the trial with the lowest held-out MSE gives the
+    pair's row. Selection never sees test rows. Returns (todo item, row) pairs, and failures by task name."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from .mlpmap import SEARCH_SPACE
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new console output ignores verbose=0
+    rows: list[tuple[tuple[Cell, str, str, str], dict]] = []
+    failures: dict[str, str] = {}
+    for where in dict.fromkeys((c.setting, c.mode) for c, *_ in todo):
+        items = [item for item in todo if (item[0].setting, item[0].mode) == where]
+        cell = items[0][0]
+        mlp = cell.fit.mlp
+        space = {k: tune.choice(list(v)) for k, v in (mlp.get("search") or SEARCH_SPACE).items()}
+        tasks = [(store, s, t, cell.train, cell.test, cell.fit) for _, s, t, _ in items]
+        trainable = tune.with_resources(tune.with_parameters(_mlp_trial, tasks=tasks), {"cpu": 1, "gpu": gpus})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"pair": tune.grid_search(list(range(len(items)))), **space},
+            tune_config=tune.TuneConfig(num_samples=int(mlp.get("trials", 4)),
+                                        search_alg=BasicVariantGenerator(random_state=0)),
+            run_config=tune.RunConfig(name=f"mlp_{cell.setting}_{cell.mode}", storage_path=str(out_dir.absolute() / "tune"),
+                                      verbose=0),
+        )  # fmt: skip
+        finished: dict[int, list[tuple[float, dict]]] = {}
+        errors: dict[int, str] = {}
+        for result in tuner.fit():
+            k = result.config["pair"]
+            if result.error is not None or "row" not in (result.metrics or {}):
+                errors.setdefault(k, _first_line(result.error or RuntimeError("the trial reported no result")))
+            else:
+                finished.setdefault(k, []).append((float(result.metrics["val_mse"]), json.loads(result.metrics["row"])))
+        searched = "ray tune, random over " + json.dumps({k: list(v) for k, v in (mlp.get("search") or SEARCH_SPACE).items()})
+        for k, item in enumerate(items):
+            if k in finished:
+                _, row = min(finished[k], key=lambda trial: trial[0] if trial[0] == trial[0] else float("inf"))
+                rows.append((item, {**row, "mlp_trials": len(finished[k]), "mlp_search": searched}))
+            else:
+                failures[_fit_name(spec, *item)] = errors.get(k, "no trial finished")
+    return rows, failures
 
 
 def _model_cka(store, models, test, column, *after):
@@ -195,22 +277,25 @@ def run_grid(
 ) -> GridOutcome:
     """Run the whole grid; finished pairs are saved as they arrive and reused by a rerun."""
     import ray
-    from tqdm import tqdm
 
     t_start = time.perf_counter()
+    from .models import check_architecture
+
+    for ref in spec.models.values():
+        check_architecture(ref)
     out_dir = Path(output or spec.output)
     store = Store(spec.store)
     store.check_writable()
     outcome = GridOutcome()
-    rows: dict[tuple[str, str, str], dict] = {}
-    todo: list[tuple[str, str, str]] = []
-    for method in spec.fit.methods:
-        for s, t in spec.pairs:
-            row = None if rebuild else reduce.load_pair(out_dir, s, t, method, pair_key(spec, s, t, method))
-            if row is None:
-                todo.append((s, t, method))
-            else:
-                rows[(s, t, method)] = row
+    rows: dict[tuple[str, str, str, str, str], dict] = {}
+    todo: list[tuple[Cell, str, str, str]] = []
+    for cell, s, t, method in pair_todo(spec):
+        key = pair_key(spec, cell, s, t, method)
+        row = None if rebuild else reduce.load_pair(out_dir, cell.setting, cell.mode, s, t, method, key)
+        if row is None:
+            todo.append((cell, s, t, method))
+        else:
+            rows[(cell.setting, cell.mode, s, t, method)] = row
     outcome.reused = len(rows)
 
     started = connect(address, spec.resources.num_cpus)
@@ -223,76 +308,89 @@ def run_grid(
             "fit_ridge": ray.remote(_fit).options(**opts["fit_ridge"]),
             "fit_sgd": ray.remote(_fit).options(**opts["fit_sgd"]),
             "model_cka": ray.remote(_model_cka).options(**opts["source_stats"]),
+            "model_row": ray.remote(_model_row).options(**opts["source_stats"]),
         }
         names: dict[Any, str] = {}
-        fits: dict[Any, tuple[str, str, str]] = {}
-        needed = list(dict.fromkeys(k for s, t, _ in todo for k in (s, t)))
-        if any(reduce.load_cka(out_dir, c, cka_key(spec, used_models(spec))) is None for c in CKA_COLUMNS):
-            needed = used_models(spec)  # CKA reads every model's test shards
-        extracted: dict[str, list] = {}
-        r = spec.resources
-        for m in needed:
-            ref = spec.models[m]
-            deps = []
-            if ref.source == "zoo" and (rebuild or any(_needs_extract(store, ref, d) for d in (spec.train, spec.test))):
-                zref = remote["train_zoo"].remote(ref, store)
-                names[zref] = f"train_zoo {m}"
-                deps.append(zref)
-            extracted[m] = []
-            for d in (spec.train, spec.test):
-                eref = remote["extract"].remote(ref, d, store, r.batch_size, r.rows_per_shard, rebuild, *deps)
-                names[eref] = f"extract {m} {d.key}/{d.split}"
-                extracted[m].append(eref)
-        stats: dict[str, Any] = {}
-        for s, t, method in todo:
-            if method == "ridge" and s not in stats:
-                stats[s] = remote["source_stats"].remote(store, s, spec.train, spec.fit, extracted[s][0])
-                names[stats[s]] = f"source_stats {s}"
-            fref = remote[f"fit_{method}"].remote(
-                store, s, t, spec.train, spec.test, spec.fit, method, stats.get(s), *extracted[s], *extracted[t]
-            )
-            names[fref] = f"fit {s} -> {t} [{method}]"
-            fits[fref] = (s, t, method)
-        ckas: dict[Any, str] = {}
+        fits: dict[Any, tuple[Cell, str, str, str]] = {}
+        needed = list(dict.fromkeys((k, d) for c, s, t, _ in todo for k in (s, t) for d in (c.train, c.test)))
         models_used = used_models(spec)
         similarity_key = cka_key(spec, models_used)
+        if any(reduce.load_cka(out_dir, c, similarity_key) is None for c in CKA_COLUMNS):
+            needed += [(m, spec.test) for m in models_used]  # CKA reads every model's test shards
+        heads = {m: None if rebuild else reduce.load_keyed(reduce.head_path(out_dir, m), _shard_key(spec, ref, spec.test))
+                 for m, ref in spec.models.items()}  # fmt: skip
+        needed += [(m, spec.test) for m, row in heads.items() if row is None]
+        extracted: dict[tuple[str, DataRef], Any] = {}
+        trained: dict[str, list] = {}
+        for m, d in dict.fromkeys(needed):
+            ref = spec.models[m]
+            if m not in trained:
+                trained[m] = []
+                stale = any(_needs_extract(spec, store, ref, d2) for k, d2 in needed if k == m)
+                if ref.source == "zoo" and (rebuild or stale):
+                    zref = remote["train_zoo"].remote(ref, store)
+                    names[zref] = f"train_zoo {m}"
+                    trained[m].append(zref)
+            eref = remote["extract"].remote(ref, d, store, spec.resources, rebuild, *trained[m])
+            names[eref] = f"extract {m} {d.key}/{d.split}"
+            extracted[(m, d)] = eref
+        stats: dict[tuple[str, DataRef], Any] = {}
+        for cell, s, t, method in todo:
+            if method == "mlp":
+                continue  # searched with Ray Tune once the shards exist, below
+            deps = [extracted[(k, d)] for k in (s, t) for d in (cell.train, cell.test)]
+            if method == "ridge" and (s, cell.train) not in stats:
+                sref = remote["source_stats"].remote(store, s, cell.train, cell.fit, extracted[(s, cell.train)])
+                stats[(s, cell.train)] = sref
+                names[sref] = f"source_stats {s} {cell.train.key}/{cell.train.split}"
+            fref = remote[f"fit_{method}"].remote(
+                store, s, t, cell.train, cell.test, cell.fit, method, stats.get((s, cell.train)), *deps
+            )
+            names[fref] = _fit_name(spec, cell, s, t, method)
+            fits[fref] = (cell, s, t, method)
+        head_tasks: dict[Any, str] = {}
+        for m, row in heads.items():
+            if row is None:
+                href = remote["model_row"].remote(store, spec.models[m], spec.test, extracted[(m, spec.test)])
+                names[href] = f"head analysis {m}"
+                head_tasks[href] = m
+        ckas: dict[Any, str] = {}
         for column in CKA_COLUMNS:
             if rebuild or reduce.load_cka(out_dir, column, similarity_key) is None:
-                deps = [e for m in models_used for e in extracted.get(m, [])]
+                deps = [extracted[(m, spec.test)] for m in models_used if (m, spec.test) in extracted]
                 cref = remote["model_cka"].remote(store, models_used, spec.test, column, *deps)
                 names[cref] = f"cka {column} ({len(models_used)} models)"
                 ckas[cref] = column
 
-        pending = list(names)
-        bar = tqdm(total=len(pending), desc="tasks", unit="task", disable=not progress, file=sys.stderr)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ref = done[0]
-            try:
-                value = ray.get(ref)
-            except ray.exceptions.RayTaskError as err:
-                cause = err.cause if isinstance(err.cause, Exception) else err
-                if isinstance(cause, UserError) and outcome.user_error is None:
-                    outcome.user_error = str(cause)
-                outcome.failures[names[ref]] = _first_line(cause)
-                if ref in fits:
-                    outcome.failed += 1
-            except ray.exceptions.RayError as err:
-                outcome.failures[names[ref]] = _first_line(err)
-                if ref in fits:
-                    outcome.failed += 1
-            else:
-                if ref in fits:
-                    s, t, method = fits[ref]
-                    reduce.save_pair(out_dir, value, pair_key(spec, s, t, method))
-                    rows[(s, t, method)] = value
-                    outcome.computed += 1
-                elif ref in ckas:
-                    reduce.save_cka(out_dir, ckas[ref], value, similarity_key)
-            bar.set_postfix_str(names[ref][:40])
-            bar.update(1)
-        bar.close()
-        models = _models_frame(spec, store, rows)
+        for ref, value, error in _completed(names, progress):
+            if error is not None:
+                if isinstance(error, UserError) and outcome.user_error is None:
+                    outcome.user_error = str(error)
+                outcome.failures[names[ref]] = _first_line(error)
+                outcome.failed += ref in fits
+            elif ref in fits:
+                cell, s, t, method = fits[ref]
+                value = {"setting": cell.setting, "mode": cell.mode, **value}
+                reduce.save_pair(out_dir, value, pair_key(spec, cell, s, t, method))
+                rows[(cell.setting, cell.mode, s, t, method)] = value
+                outcome.computed += 1
+            elif ref in ckas:
+                reduce.save_cka(out_dir, ckas[ref], value, similarity_key)
+            elif ref in head_tasks:
+                m = head_tasks[ref]
+                reduce.save_keyed(reduce.head_path(out_dir, m), value, _shard_key(spec, spec.models[m], spec.test))
+                heads[m] = value
+        mlp_todo = [item for item in todo if item[3] == "mlp" and not _extract_failed(item, outcome, spec)]
+        mlp_rows, mlp_failures = _tune_mlp(spec, store, out_dir, mlp_todo, opts["fit_sgd"]["num_gpus"])
+        for item, value in mlp_rows:
+            cell, s, t, method = item
+            value = {"setting": cell.setting, "mode": cell.mode, **value}
+            reduce.save_pair(out_dir, value, pair_key(spec, cell, s, t, method))
+            rows[(cell.setting, cell.mode, s, t, method)] = value
+            outcome.computed += 1
+        outcome.failures.update(mlp_failures)
+        outcome.failed += len(mlp_failures) + len([i for i in todo if i[3] == "mlp" and i not in mlp_todo])
+        models = pd.DataFrame.from_records([row or placeholder_row(spec.models[m]) for m, row in heads.items()])
     finally:
         if started:
             ray.shutdown()
@@ -301,45 +399,82 @@ def run_grid(
     return outcome
 
 
+def _completed(names: dict[Any, str], progress: bool, desc: str = "tasks") -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """Wait on every submitted task, yielding (ref, value, None) or (ref, None, cause) as each one ends; a task's
+    failure never stops the others. The cause is the task's own exception when it raised one."""
+    import ray
+    from tqdm import tqdm
+
+    pending = list(names)
+    with tqdm(total=len(pending), desc=desc, unit="task", disable=not progress, file=sys.stderr) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ref = done[0]
+            try:
+                yield ref, ray.get(ref), None
+            except ray.exceptions.RayTaskError as err:
+                yield ref, None, err.cause if isinstance(err.cause, Exception) else err
+            except ray.exceptions.RayError as err:
+                yield ref, None, err
+            bar.set_postfix_str(names[ref][:40])
+            bar.update(1)
+
+
+def map_tasks(
+    fn: Callable[..., Any],
+    calls: dict[str, tuple],
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    gpus: float = 0.0,
+    max_retries: int = 1,
+    progress: bool = True,
+    desc: str = "tasks",
+) -> Iterator[tuple[str, Any, BaseException | None]]:
+    """Run fn(*args) for every named call as one Ray task each, yielding (name, value, error) as they end.
+
+    Each task asks for 1 CPU and `gpus` of a GPU, but only when some node has a GPU (never an unschedulable task).
+    Joins `address` or starts a single-node Ray in-process, and stops only a Ray it started. Task bodies return
+    their results (images included) instead of writing files, so the driver alone writes the output directory.
+    """
+    import ray
+
+    started = connect(address, num_cpus)
+    try:
+        max_gpu = max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        opts = {"num_cpus": 1, "num_gpus": min(gpus, max_gpu) if max_gpu else 0, "max_retries": max_retries,
+                "retry_exceptions": False}  # fmt: skip
+        remote = ray.remote(fn).options(**opts)
+        names = {remote.remote(*args): name for name, args in calls.items()}
+        for ref, value, error in _completed(names, progress, desc):
+            yield names[ref], value, error
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def cka_key(spec: GridSpec, models: list[str]) -> str:
-    payload = [[m, shard_key(spec.models[m], spec.test)] for m in models]
+    payload = [[m, _shard_key(spec, spec.models[m], spec.test)] for m in models]
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
 
 
-def _needs_extract(store: Store, ref, data: DataRef) -> bool:
-    return store.check_split(store.split_dir(ref.key, data), shard_key(ref, data)).state != "complete"
+def _extract_failed(item: tuple[Cell, str, str, str], outcome: GridOutcome, spec: GridSpec) -> bool:
+    """Whether an extraction the pair needs failed in this run (then its MLP search is not started)."""
+    cell, s, t, _ = item
+    return any(f"extract {m} {d.key}/{d.split}" in outcome.failures for m in (s, t) for d in (cell.train, cell.test))
+
+
+def _shard_key(spec: GridSpec, ref, data: DataRef) -> str:
+    return shard_key(ref, data, spec.resources.precision)
+
+
+def _needs_extract(spec: GridSpec, store: Store, ref, data: DataRef) -> bool:
+    return store.check_split(store.split_dir(ref.key, data), _shard_key(spec, ref, data)).state != "complete"
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[-1] if text else ''}"
-
-
-def _models_frame(spec: GridSpec, store: Store, rows: dict) -> pd.DataFrame:
-    """One row per model from its test-split manifest; test accuracy measured on the test split when possible."""
-    records = []
-    for key, ref in spec.models.items():
-        rel = store.split_dir(key, spec.test)
-        man = store.read_manifest(rel) if store.exists(f"{rel}/manifest.json") else {}
-        acc = next(
-            (r["accuracy_real"] for (_, t, _), r in rows.items() if t == key and r.get("accuracy_real") is not None),
-            (man.get("model_info") or {}).get("test_accuracy"),
-        )
-        records.append(
-            {
-                "model": key,
-                "source": ref.source,
-                "architecture": ref.architecture,
-                "family": man.get("family", ""),
-                "features_dim": man.get("features_dim"),
-                "logits_dim": man.get("logits_dim"),
-                "label_space": man.get("label_space"),
-                "test_accuracy": acc,
-                "weights_digest": man.get("weights_digest"),
-                "input_size": (man.get("transform") or {}).get("size"),
-            }
-        )
-    return pd.DataFrame.from_records(records)
 
 
 def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:
@@ -348,8 +483,8 @@ def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:
 
     versions = _versions()
     results = reduce.results_frame(rows.values(), versions)
-    first = spec.fit.methods[0]
-    agree = reduce.matrix(results, "agreement", first, list(spec.models)) if len(results) else None
+    cells = [(c.setting, c.mode, m) for c in spec.cells() for m in c.fit.methods]
+    agree = reduce.matrix(results, "agreement", cells[0][2], list(spec.models), *cells[0][:2]) if len(results) else None
     provenance = {
         "versions": versions,
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores",
@@ -359,7 +494,7 @@ def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:
         "pairs failed": outcome.failed,
     }
     reduce.write_outputs(
-        out_dir, results=results, models=models, resolved_spec=spec.resolved(), methods=spec.fit.methods,
+        out_dir, results=results, models=models, resolved_spec=spec.resolved(), cells=cells,
         order=model_order(models, agree), provenance=provenance,
     )
     outcome.results = results

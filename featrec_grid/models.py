@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from featrec_grid.errors import UserError
-from featrec_grid.refs import ModelRef
+from featrec_grid.refs import TRANSFORMS, ModelRef
 
 if TYPE_CHECKING:
     from featrec_grid.store import Store
@@ -34,21 +34,17 @@ class InputConfig:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
+    resize: bool = True
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
-        """PIL image -> normalised float tensor [3, size, size]: resize to size/crop_pct, center-crop, normalise."""
+        """PIL image -> normalised float tensor [3, size, size]: resize to size/crop_pct, center-crop, normalise.
+        With resize False the raw image is center-cropped as it is (smaller images sit zero-padded in the frame)."""
         from torchvision import transforms as T
 
         resize = int(round(self.size / self.crop_pct))
         interp = T.InterpolationMode(self.interpolation)
-        return T.Compose(
-            [
-                T.Resize(resize, interpolation=interp),
-                T.CenterCrop(self.size),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
+        steps = [T.Resize(resize, interpolation=interp)] if self.resize else []
+        return T.Compose([*steps, T.CenterCrop(self.size), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +82,25 @@ class Classifier:
     @property
     def feature_dim(self) -> int:
         return int(self.head_weight.shape[1])
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_for(clf: Classifier, options: dict[str, Any]) -> InputConfig:
+    """The input transform extraction applies to a dataset with these data options: the model's own (`transform:
+    model`, the default), or the FeatReconstruct seed's (`transform: seed`): CenterCrop(`crop`, default the model's
+    input size) on the raw image with no resize, then ImageNet mean/std, as the seed's data loaders did."""
+    name = options.get("transform", "model")
+    if name not in TRANSFORMS:
+        raise UserError(f"data option transform={name!r} is unknown; allowed: {', '.join(TRANSFORMS)}")
+    if name == "model":
+        return clf.input
+    crop = options.get("crop", clf.input.size)
+    if not isinstance(crop, int) or isinstance(crop, bool) or crop < 1:
+        raise UserError(f"data option crop={crop!r} must be a positive integer (pixels)")
+    return InputConfig(size=crop, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,6 +152,20 @@ def load_classifier(ref: ModelRef, store: Store | None = None) -> Classifier:
     return loaders[ref.source](ref)
 
 
+def check_architecture(ref: ModelRef) -> None:
+    """Fail fast with a UserError on a timm or torchvision name, pretrained tag or weights enum that does not exist;
+    loads and downloads nothing (what `plan` and `run` check before any task starts)."""
+    if ref.source == "timm":
+        _timm_name(ref.architecture, ref)
+    elif ref.source == "torchvision":
+        name = _torchvision_name(ref.architecture, ref)
+        if ref.weights and not _is_path(ref.weights):
+            _torchvision_weights(name, ref.weights, ref)
+    elif ref.source == "checkpoint":
+        lib, _, name = ref.architecture.partition(":")
+        (_timm_name if lib == "timm" else _torchvision_name)(name, ref)
+
+
 def check_head(
     features: torch.Tensor, logits: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *, where: str
 ) -> None:
@@ -155,23 +184,35 @@ CHECK_ROWS = 8  # rows of the first batch run through the original model to chec
 
 
 def extract_batch(
-    clf: Classifier, x: torch.Tensor, *, check: bool | None = None
+    clf: Classifier, x: torch.Tensor, *, check: bool | None = None, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone pass -> (features [N, D], logits = f W^T + b [N, C]).
 
     The split is checked against the original model's own forward (clf.model) on the classifier's first batch
     (check=None), on every batch (check=True) or never (check=False). Works wherever the backbone was moved.
+    precision "bf16" runs the backbone under torch.autocast(x's device type, bfloat16); its features come back
+    as float32 and the head is applied in float32. The split check always compares float32 with float32
+    (recomputing the checked rows without autocast), so bf16 rounding is never mistaken for a wrong split.
     """
+    from .extract import check_precision
+
+    autocast = check_precision(precision) == "bf16"
     with torch.no_grad():
-        features = clf.backbone(x)
+        if autocast:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                features = clf.backbone(x)
+            features = features.float()
+        else:
+            features = clf.backbone(x)
         W = clf.head_weight.to(features.device, features.dtype)
         b = clf.head_bias.to(features.device, features.dtype)
         logits = features @ W.T + b
         if clf.model is not None and (check or (check is None and not clf.head_checked)):
             # Eval mode: rows are independent, so a few rows check the split as well as a whole batch.
             k = CHECK_ROWS
+            checked = clf.backbone(x[:k]) if autocast else features[:k]
             reference = clf.model.to(x.device)(x[:k])  # parameters are shared with the backbone: no copy
-            check_head(features[:k], reference, W, b, where=f"model {clf.key}")
+            check_head(checked, reference, W, b, where=f"model {clf.key}")
             clf.head_checked = True
     return features, logits
 

@@ -33,7 +33,8 @@ def publish(output: Path, spec: GridSpec) -> Path:
         models = pd.DataFrame({"model": list(spec.models), "family": [m.source for m in spec.models.values()]})
     agree = results.pivot_table(index="source", columns="target", values="agreement", aggfunc="mean")
     order = model_order(models, agree if len(results) else None)
-    sections = [_cka_section(spec, output, order), _layer_cka_section(output), _inversion_section(output)]
+    sections = [_seed_section(spec, results), _head_section(models), _cka_section(spec, output, order),
+                _layer_cka_section(output), _inversion_section(output)]  # fmt: skip
     sections = [s for s in sections if s is not None]
     return write_report(
         output,
@@ -43,6 +44,56 @@ def publish(output: Path, spec: GridSpec) -> Path:
         provenance=reduce.read_json(output, "provenance.json") or {},
         sections=sections,
     )
+
+
+def seed_table(spec: GridSpec, results: pd.DataFrame) -> pd.DataFrame:
+    """The seed's published numbers beside ours: one row per spec `seed_results` entry, one column per mode and
+    method that ran (e.g. `faithful sgd`, `default ridge`), NaN where that pair did not run."""
+    columns = ["setting", "source", "target", "metric", "seed"]
+    runs = list(results[["mode", "method"]].drop_duplicates().itertuples(index=False, name=None)) if len(results) else []
+    records = []
+    for item in spec.seed_results:
+        row = {k: item[k] for k in columns[:4]} | {"seed": item["value"]}
+        for mode, method in runs:
+            hit = results[(results["setting"] == item["setting"]) & (results["mode"] == mode)
+                          & (results["method"] == method) & (results["source"] == item["source"])
+                          & (results["target"] == item["target"])]  # fmt: skip
+            row[f"{mode} {method}"] = float(hit[item["metric"]].iloc[0]) if len(hit) else float("nan")
+        records.append(row | {"note": item["note"]})
+    return pd.DataFrame.from_records(records)
+
+
+def _seed_section(spec: GridSpec, results: pd.DataFrame) -> Section | None:
+    """The experiment's table: the seed's published number | ours, faithful | ours, default."""
+    if not spec.seed_results:
+        return None
+    note = (
+        "The FeatReconstruct seed's published numbers beside ours. 'faithful' reruns the seed's recipe: its data "
+        "transform (CenterCrop without resize, so small images sit zero-padded in the frame; ImageNet mean/std) and "
+        "its fitter (torch.nn.Linear, SGD lr 0.1, momentum 0.9, batch 256, 100 epochs, no shuffling). 'default' "
+        "uses each model's own preprocessing and the closed-form ridge map. mse_total_seed is the seed's 'total MSE': "
+        "the sum over test batches of 256 of each batch's mean squared error, not a mean. Agreement is a fraction."
+    )
+    return Section("Against the seed's published numbers", tables=[seed_table(spec, results)], note=note)
+
+
+HEAD_COLUMNS = ["model", "classes", "feature_dim", "head_rank", "null_dims", "zero_head", "exact_inverse",
+                "rowspace_variance", "pinv_r2", "pinv_agreement", "logit_variance", "reason"]  # fmt: skip
+
+
+def _head_section(models: pd.DataFrame) -> Section | None:
+    """Why self-reconstruction works or fails, per model: the head's shape and rank, and the analytic baseline."""
+    if "head_rank" not in models.columns:
+        return None
+    note = (
+        "Logits are z = W f + b. The analytic baseline reconstructs f^ = pinv(W)(z - b) with no fitting at all: it "
+        "is exact when C >= D and W has full column rank, and otherwise recovers only the part of f in W's row space "
+        "(rowspace_variance: that part's share of the test features' variance). pinv_agreement is the head's top-1 "
+        "on f^ against its top-1 on f; a fitted map can do better than pinv only by exploiting correlations between "
+        "the visible and the invisible directions of f."
+    )
+    return Section("Heads: why self-reconstruction succeeds or fails",
+                   tables=[models[[c for c in HEAD_COLUMNS if c in models.columns]]], note=note)  # fmt: skip
 
 
 def _cka_section(spec: GridSpec, output: Path, order: list[str]) -> Section | None:
@@ -86,12 +137,51 @@ def _layer_cka_section(output: Path) -> Section | None:
     return Section("Layer-wise CKA", figures=[layer_cka_figure(e) for e in exports], note=note)
 
 
+INVERSION_CROSS = {"logits": "logit decoder", "onehot": "one-hot control"}
+INVERSION_CROSS_METRICS = {
+    "retrieval_top1_features": "retrieval top-1 in B's features",
+    "agreement": "B's top-1 agreement",
+    "judge_prob": "B's probability of its class",
+}
+
+
+def inversion_cross_figures(cross: pd.DataFrame) -> list:
+    """One heatmap per condition of the cross-model decoder table (rows = the model whose logits the decoder was
+    trained on, A; columns = the judge, B), a menu switching between the metrics; one 0-1 colour scale for all."""
+    from .report import plotly_text
+
+    order = list(dict.fromkeys([*cross["decoder_model"].astype(str), *cross["judge_model"].astype(str)]))
+    frame = cross.assign(decoder_model=cross["decoder_model"].astype(str), judge_model=cross["judge_model"].astype(str))
+    figures = []
+    for condition, label in INVERSION_CROSS.items():
+        sub = frame[frame["condition"] == condition]
+        if not len(sub):
+            continue
+        matrices = {
+            name: sub.pivot_table(index="decoder_model", columns="judge_model", values=metric, aggfunc="mean")
+            for metric, name in INVERSION_CROSS_METRICS.items()
+        }
+        fig = matrix_figure(matrices, order, metric="agreement", axes=("decoder trained on A's logits", "judge B"),
+                            hover=("decoder of A", "judge B"))  # fmt: skip
+        for trace, name in zip(fig.data, matrices, strict=True):
+            trace.hovertemplate = trace.hovertemplate.replace("Top-1 agreement", plotly_text(name))
+        chance = float(sub["chance"].max())
+        fig.update_layout(title_text=(
+            f"<b>Cross-model: {plotly_text(label)}</b><br><span style='font-size:12px'>"
+            f"{int(sub['rows'].max())} test images; retrieval chance {chance:.4f}</span>"
+        ))  # fmt: skip
+        figures.append(fig)
+    return figures
+
+
 def _inversion_section(output: Path) -> Section | None:
-    """Inversion results: a summary per model and method, and the image galleries."""
+    """Inversion results: a summary per model and method, the image galleries, and the cross-model decoder table
+    (heatmaps of agreement per condition and the full table)."""
     from .invert import gallery_html
 
     table = reduce.read_frame(output, "inversion")
     images = reduce.read_json(output, "inversion_images.json")
+    cross = reduce.read_frame(output, "inversion_cross")
     if table is None:
         return None
     summary = (
@@ -104,5 +194,20 @@ def _inversion_section(output: Path) -> Section | None:
         "decoder's retrieval top-1 beats the one-hot control's; chance is 1 / test gallery size. Means over seeds, "
         "classes and items."
     )
+    figures, tables = [], [summary]
+    if cross is not None and len(cross):
+        note += (
+            " Cross-model table (heatmaps and the last table, below the galleries): a decoder is trained on model "
+            "A's logits and decodes A's logits of every test image; row A, column B scores those reconstructions "
+            "with model B. retrieval_top1_features: how often B's features of a reconstruction are nearest those "
+            "of its own original among all test images (against chance); agreement: how often B gives the "
+            "reconstruction the class it gives the original; judge_prob: B's mean probability of that class. The "
+            "diagonal (B = A) asks what of A's own view survives, off-diagonal cells whether other models see it "
+            "too; where the logit decoder's cells beat the one-hot control's, A's logits carried more than the class."
+        )
+        figures = inversion_cross_figures(cross)
+        cols = ["decoder_model", "judge_model", "condition", "agreement", "judge_prob", "retrieval_top1_features",
+                "chance", "rows"]  # fmt: skip
+        tables.append(cross[cols].sort_values(["condition", "decoder_model", "judge_model"], kind="stable"))
     html = gallery_html(output, [tuple(i) for i in images or []])
-    return Section("Inverting logits back to images", tables=[summary], html=html, note=note)
+    return Section("Inverting logits back to images", figures=figures, tables=tables, html=html, note=note)

@@ -7,6 +7,7 @@ from typing import Any
 
 MODEL_SOURCES = ("timm", "torchvision", "checkpoint", "zoo", "lite")
 DATASETS = ("digits", "cifar10", "cifar100", "places365", "folder")
+TRANSFORMS = ("model", "seed")  # data option `transform`: each model's own preprocessing, or the seed's
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class DataRef:
 
     @property
     def key(self) -> str:
-        """The dataset's path component: its name plus a view suffix when options select one."""
-        view = self.options.get("view")
-        return f"{self.dataset}-{view}" if view else self.dataset
+        """The dataset's path component: its name plus a view suffix and a `seed` suffix (the seed's transform) when
+        options select them."""
+        parts = [self.dataset, self.options.get("view"), "seed" if self.options.get("transform") == "seed" else None]
+        return "-".join(str(p) for p in parts if p)

@@ -32,7 +32,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "cka": ("Linear CKA", "Viridis", ".3f"),
 }
 PAIR_METRICS = ("agreement", "r2", "mse")  # the N x N heatmaps of every grid report
-SETTING_COLUMNS = ("method", "train_dataset", "train_split", "test_dataset", "test_split")
+SETTING_COLUMNS = ("setting", "mode", "method", "train_dataset", "train_split", "test_dataset", "test_split")
 MAX_ANNOTATED = 12  # write the values into the cells up to this many models
 _PERCENT = {"agreement", "accuracy_real", "accuracy_recon", "test_accuracy"}
 _INTEGER = {"train_rows", "test_rows", "features_dim", "logits_dim", "input_size"}
@@ -221,7 +221,8 @@ def _cluster_order(dist: np.ndarray) -> list[int]:
 
 
 def _settings(results: pd.DataFrame) -> list[tuple[dict[str, Any], pd.DataFrame]]:
-    """Split results into settings (method, fit data, test data; alpha too if it separates duplicate pairs)."""
+    """Split results into settings (setting label, mode, method, fit data, test data; alpha too if it separates
+    duplicate pairs)."""
     keys = [c for c in SETTING_COLUMNS if c in results.columns]
     if "alpha" in results.columns and results.duplicated([*keys, "source", "target"]).any():
         keys.append("alpha")
@@ -249,7 +250,7 @@ def _setting_names(keys: list[dict[str, Any]]) -> tuple[str, list[str]]:
 
 
 def _setting_label(key: Mapping[str, Any]) -> str:
-    parts = [str(key["method"])] if "method" in key else []
+    parts = [str(key[k]) for k in ("setting", "mode", "method") if k in key]
     if "train_dataset" in key or "train_split" in key:
         parts.append(f"fit {key.get('train_dataset', '*')}/{key.get('train_split', '*')}")
     if "test_dataset" in key or "test_split" in key:

@@ -10,27 +10,36 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import UserError
-from .refs import DATASETS, MODEL_SOURCES, DataRef, ModelRef
+from .refs import DATASETS, MODEL_SOURCES, TRANSFORMS, DataRef, ModelRef
 
-METHODS = ("ridge", "sgd")
+METHODS = ("ridge", "sgd", "mlp")
+MODES = ("default", "faithful")
 PAIR_MODES = ("all", "self")
 ZOO_ARCHITECTURES = ("mlp", "cnn", "resnet", "vit", "mixer", "convnext")
 LITE_ARCHITECTURES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
-TOP_FIELDS = ("name", "description", "store", "output", "models", "data", "pairs", "fit", "resources", "inversion", "cka")
+TOP_FIELDS = ("name", "description", "store", "output", "models", "data", "pairs", "fit", "modes", "faithful",
+              "seed_results", "resources", "inversion", "cka")  # fmt: skip
+SETTING_FIELDS = ("label", "train", "test")
+FAITHFUL_FIELDS = ("crop", "method")
+SEED_RESULT_FIELDS = ("setting", "source", "target", "metric", "value", "note")
+SEED_METRICS = ("agreement", "mse_total_seed", "mse", "r2")
 MODEL_FIELDS = ("source", "architecture", "weights", "options")
 DATA_FIELDS = ("dataset", "split", "options")
-FIT_FIELDS = ("method", "alpha", "val_fraction", "sgd")
+FIT_FIELDS = ("method", "alpha", "self_alpha", "val_fraction", "sgd", "mlp")
+MLP_FIELDS = ("trials", "pairs", "search", "max_epochs", "patience", "batch_size")
 SGD_FIELDS = ("epochs", "lr", "momentum", "batch_size", "seed")
-RESOURCE_FIELDS = ("num_cpus", "batch_size", "gpus_per_extract", "gpus_per_fit", "max_retries", "rows_per_shard")
+RESOURCE_FIELDS = ("num_cpus", "batch_size", "precision", "gpus_per_extract", "gpus_per_fit", "max_retries",
+                   "rows_per_shard")  # fmt: skip
+PRECISIONS = ("fp32", "bf16")
 
 DEFAULT_ALPHAS = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 SGD_DEFAULTS = {"epochs": 100, "lr": 0.1, "momentum": 0.9, "batch_size": 256, "seed": 0}
@@ -44,6 +53,34 @@ class FitSpec:
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     val_fraction: float = 0.2
     sgd: dict[str, Any] = field(default_factory=lambda: dict(SGD_DEFAULTS))
+    mlp: dict[str, Any] = field(default_factory=dict)
+    self_alpha: float | None = None  # a fixed alpha for self pairs (0: least squares, agreement exactly 1.0)
+    mlp_pairs: tuple[tuple[str, str], ...] | None = None  # None: every pair of the spec
+
+    def pairs_for(self, method: str, pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """The pairs `method` runs on: all of them, except that fit.mlp.pairs may narrow the MLP map to a subset."""
+        return self.mlp_pairs if method == "mlp" and self.mlp_pairs is not None else pairs
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One (fit data, test data) combination; `label` names it in results, file names and the report."""
+
+    label: str
+    train: DataRef
+    test: DataRef
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting run in one mode: the data refs extraction reads (the seed's transform in faithful mode) and the
+    fit settings its pairs use (the seed's SGD recipe in faithful mode)."""
+
+    setting: str
+    mode: str
+    train: DataRef
+    test: DataRef
+    fit: FitSpec
 
 
 @dataclass(frozen=True)
@@ -51,7 +88,8 @@ class Resources:
     """What tasks ask Ray for; GPUs only when the cluster has them (grid.py checks)."""
 
     num_cpus: int | None = None
-    batch_size: int = 64
+    batch_size: int | str = 64  # or "auto": the largest power of two that fits the GPU (64 on CPU)
+    precision: str = "fp32"  # bf16: autocast of the backbone on extraction; shards stay float32
     gpus_per_extract: float = 1.0
     gpus_per_fit: float = 0.25
     max_retries: int = 2
@@ -67,14 +105,51 @@ class GridSpec:
     store: str
     output: str
     models: dict[str, ModelRef]
-    train: DataRef
-    test: DataRef
+    settings: tuple[Setting, ...]
     pairs: tuple[tuple[str, str], ...]
     fit: FitSpec
     resources: Resources
     description: str = ""
+    modes: tuple[str, ...] = ("default",)
+    faithful: dict[str, Any] = field(default_factory=dict)
+    seed_results: tuple[dict[str, Any], ...] = ()
     inversion: dict[str, Any] = field(default_factory=dict)
     cka: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train(self) -> DataRef:
+        """The first setting's fit data (what `invert` and `cka` use)."""
+        return self.settings[0].train
+
+    @property
+    def test(self) -> DataRef:
+        """The first setting's test data (what `invert`, `cka` and the model-level CKA use)."""
+        return self.settings[0].test
+
+    def with_download(self) -> GridSpec:
+        """The same spec with `download: true` on every dataset (the --download flag)."""
+        def dl(d: DataRef) -> DataRef:
+            return DataRef(d.dataset, d.split, {**d.options, "download": True})
+
+        return replace(self, settings=tuple(Setting(st.label, dl(st.train), dl(st.test)) for st in self.settings))
+
+    def cells(self) -> list[Cell]:
+        """Every (setting, mode) in order. Faithful mode reproduces the FeatReconstruct seed: its data transform
+        (CenterCrop without resize, ImageNet mean/std; `faithful.crop` pixels, default each model's input size)
+        and its fitter (`faithful.method`, default the SGD recipe with the seed's hyperparameters)."""
+        out = []
+        for st in self.settings:
+            for mode in self.modes:
+                if mode == "default":
+                    out.append(Cell(st.label, mode, st.train, st.test, self.fit))
+                    continue
+                seed_view = {"transform": "seed", **({"crop": self.faithful["crop"]} if "crop" in self.faithful else {})}
+                train, test = (DataRef(d.dataset, d.split, {**d.options, **seed_view}) for d in (st.train, st.test))
+                fit = FitSpec(methods=tuple(self.faithful.get("method", ("sgd",))), alphas=self.fit.alphas,
+                              val_fraction=self.fit.val_fraction, sgd=dict(SGD_DEFAULTS), mlp=self.fit.mlp,
+                              self_alpha=self.fit.self_alpha, mlp_pairs=self.fit.mlp_pairs)  # fmt: skip
+                out.append(Cell(st.label, mode, train, test, fit))
+        return out
 
     def resolved(self) -> dict[str, Any]:
         """The spec with every default filled in and absolute locations: what spec.resolved.yaml holds."""
@@ -87,17 +162,25 @@ class GridSpec:
                 k: {"source": m.source, "architecture": m.architecture, "weights": m.weights, "options": dict(m.options)}
                 for k, m in self.models.items()
             },
-            "data": {
-                part: {"dataset": d.dataset, "split": d.split, "options": dict(d.options)}
-                for part, d in (("train", self.train), ("test", self.test))
-            },
+            "data": [
+                {"label": st.label, **{
+                    part: {"dataset": d.dataset, "split": d.split, "options": dict(d.options)}
+                    for part, d in (("train", st.train), ("test", st.test))
+                }}
+                for st in self.settings
+            ],
             "pairs": [list(p) for p in self.pairs],
             "fit": {
                 "method": list(self.fit.methods),
                 "alpha": list(self.fit.alphas),
+                "self_alpha": self.fit.self_alpha,
                 "val_fraction": self.fit.val_fraction,
                 "sgd": dict(self.fit.sgd),
+                **({"mlp": dict(self.fit.mlp)} if "mlp" in self.fit.methods else {}),
             },
+            "modes": list(self.modes),
+            **({"faithful": dict(self.faithful)} if "faithful" in self.modes else {}),
+            **({"seed_results": [dict(r) for r in self.seed_results]} if self.seed_results else {}),
             "resources": dict(self.resources.__dict__),
             **({"inversion": self.inversion} if self.inversion else {}),
             **({"cka": self.cka} if self.cka else {}),
@@ -144,9 +227,10 @@ class _Checker:
         return value
 
     def fields(self, value: dict, allowed: tuple[str, ...], where: str, required: tuple[str, ...] = ()) -> None:
+        missing = [r for r in required if r not in value]
         for k in value:
-            if k not in allowed:
-                hint = difflib.get_close_matches(str(k), allowed, n=1)
+            if k not in allowed:  # a misspelt required field is the likelier meaning ('modles' -> models, not modes)
+                hint = difflib.get_close_matches(str(k), missing, n=1) or difflib.get_close_matches(str(k), allowed, n=1)
                 did = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise self.fail(where, f"unknown field {k!r} (allowed: {', '.join(allowed)}){did}")
         for k in required:
@@ -205,10 +289,14 @@ def parse_spec(raw: Any, path: str = "<spec>") -> GridSpec:
         raise ck.fail("name", f"{_show(name)} must be 1-64 characters of letters, digits, '_', '.', '+', '-'")
 
     models = _models(ck, raw["models"])
-    train, test = _data(ck, raw["data"])
-    _check_zoo_split(ck, models, (train, test))
+    settings = _settings(ck, raw["data"])
+    for st in settings:
+        _check_zoo_split(ck, models, st)
     pairs = _pairs(ck, raw.get("pairs", "all"), list(models))
-    fit = _fit(ck, raw.get("fit") or {})
+    fit = _fit(ck, raw.get("fit") or {}, list(models))
+    modes = _modes(ck, raw.get("modes", ["default"]))
+    faithful = _faithful(ck, raw.get("faithful") or {})
+    seed_results = _seed_results(ck, raw.get("seed_results") or [], settings, list(models))
     resources = _resources(ck, raw.get("resources") or {})
     store = raw.get("store", "store")
     output = raw.get("output", f"reports/{name}")
@@ -221,12 +309,14 @@ def parse_spec(raw: Any, path: str = "<spec>") -> GridSpec:
         store=absolute_location(store),
         output=absolute_location(output),
         models=models,
-        train=train,
-        test=test,
+        settings=settings,
         pairs=pairs,
         fit=fit,
         resources=resources,
         description=str(raw.get("description") or ""),
+        modes=modes,
+        faithful=faithful,
+        seed_results=seed_results,
         inversion=dict(ck.mapping(raw.get("inversion") or {}, "inversion")),
         cka=dict(ck.mapping(raw.get("cka") or {}, "cka")),
     )
@@ -271,12 +361,35 @@ def _models(ck: _Checker, value: Any) -> dict[str, ModelRef]:
     return out
 
 
-def _data(ck: _Checker, value: Any) -> tuple[DataRef, DataRef]:
-    ck.mapping(value, "data")
-    ck.fields(value, ("train", "test"), "data", required=("train", "test"))
+def _settings(ck: _Checker, value: Any) -> tuple[Setting, ...]:
+    """`data` is one {train, test} mapping, or a list of them each with a `label` (fit on one, test on another)."""
+    if isinstance(value, list):
+        if not value:
+            raise ck.fail("data", "the list of settings is empty; give at least one {label, train, test}")
+        out = []
+        for i, item in enumerate(value):
+            where = f"data[{i}]"
+            ck.mapping(item, where)
+            ck.fields(item, SETTING_FIELDS, where, required=SETTING_FIELDS)
+            label = item["label"]
+            if not isinstance(label, str) or not KEY_RE.match(label):
+                raise ck.fail(f"{where}.label", f"{_show(label)} must be 1-64 characters of letters, digits, '_', '.', '+', '-'")
+            if label in [st.label for st in out]:
+                raise ck.fail(f"{where}.label", f"duplicate label {label!r}; each setting needs its own")
+            out.append(Setting(label, *_data(ck, item, where)))
+        return tuple(out)
+    train, test = _data(ck, value, "data")
+    label = train.key if train.key == test.key else f"{train.key}_to_{test.key}"
+    return (Setting(label, train, test),)
+
+
+def _data(ck: _Checker, value: Any, where_data: str) -> tuple[DataRef, DataRef]:
+    ck.mapping(value, where_data)
+    if where_data == "data":
+        ck.fields(value, ("train", "test"), "data", required=("train", "test"))
     refs = []
     for part in ("train", "test"):
-        where = f"data.{part}"
+        where = f"{where_data}.{part}"
         d = ck.mapping(value[part], where)
         ck.fields(d, DATA_FIELDS, where, required=("dataset",))
         dataset = ck.choice(d["dataset"], DATASETS, f"{where}.dataset")
@@ -284,15 +397,17 @@ def _data(ck: _Checker, value: Any) -> tuple[DataRef, DataRef]:
         if not isinstance(split, str) or not KEY_RE.match(split):
             raise ck.fail(f"{where}.split", f"{_show(split)} must be a split name such as 'train' or 'test'")
         options = ck.mapping(d.get("options") or {}, f"{where}.options")
+        if "transform" in options:
+            ck.choice(options["transform"], TRANSFORMS, f"{where}.options.transform")
         refs.append(DataRef(dataset=dataset, split=split, options=dict(options)))
     if refs[0] == refs[1]:
-        raise ck.fail("data.test", "is the same split as data.train; test on held-out data")
+        raise ck.fail(f"{where_data}.test", f"is the same split as {where_data}.train; test on held-out data")
     return refs[0], refs[1]
 
 
-def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], data: tuple[DataRef, DataRef]) -> None:
+def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], setting: Setting) -> None:
     """Zoo models train on one digits split; evaluating them on another would test on training rows."""
-    for d, part in zip(data, ("train", "test"), strict=True):
+    for d, part in ((setting.train, "train"), (setting.test, "test")):
         if d.dataset != "digits":
             continue
         seed, fraction = d.options.get("seed", 0), d.options.get("test_fraction", 0.3)
@@ -306,16 +421,16 @@ def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], data: tuple[Data
                 )
 
 
-def _pairs(ck: _Checker, value: Any, keys: list[str]) -> tuple[tuple[str, str], ...]:
+def _pairs(ck: _Checker, value: Any, keys: list[str], field_name: str = "pairs") -> tuple[tuple[str, str], ...]:
     if value == "all":
         return tuple((a, b) for a in keys for b in keys)
     if value == "self":
         return tuple((a, a) for a in keys)
     if not isinstance(value, list) or not value:
-        raise ck.fail("pairs", f"{_show(value)} must be 'all', 'self' or a list of [source, target] pairs")
+        raise ck.fail(field_name, f"{_show(value)} must be 'all', 'self' or a list of [source, target] pairs")
     out = []
     for i, p in enumerate(value):
-        where = f"pairs[{i}]"
+        where = f"{field_name}[{i}]"
         if not (isinstance(p, list) and len(p) == 2):
             raise ck.fail(where, f"{_show(p)} must be a [source, target] pair of model keys")
         for k in p:
@@ -326,7 +441,54 @@ def _pairs(ck: _Checker, value: Any, keys: list[str]) -> tuple[tuple[str, str], 
     return tuple(out)
 
 
-def _fit(ck: _Checker, value: Any) -> FitSpec:
+def _modes(ck: _Checker, value: Any) -> tuple[str, ...]:
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not value:
+        raise ck.fail("modes", f"{_show(value)} must be a list of {', '.join(MODES)}")
+    for i, m in enumerate(value):
+        ck.choice(m, MODES, f"modes[{i}]")
+    return tuple(dict.fromkeys(value))
+
+
+def _faithful(ck: _Checker, value: Any) -> dict[str, Any]:
+    ck.mapping(value, "faithful")
+    ck.fields(value, FAITHFUL_FIELDS, "faithful")
+    out = dict(value)
+    if "crop" in out:
+        ck.number(out["crop"], "faithful.crop", low=1, integer=True)
+    if "method" in out:
+        methods = [out["method"]] if isinstance(out["method"], str) else out["method"]
+        if not isinstance(methods, list) or not methods:
+            raise ck.fail("faithful.method", f"{_show(out['method'])} must be one of {', '.join(METHODS)} or a list")
+        for i, m in enumerate(methods):
+            ck.choice(m, METHODS, f"faithful.method[{i}]")
+        out["method"] = tuple(dict.fromkeys(methods))
+    return out
+
+
+def _seed_results(
+    ck: _Checker, value: Any, settings: tuple[Setting, ...], keys: list[str]
+) -> tuple[dict[str, Any], ...]:
+    """The seed's published numbers, shown beside ours in the report: setting, source, target, metric, value."""
+    if not isinstance(value, list):
+        raise ck.fail("seed_results", f"{_show(value)} must be a list of {{setting, source, target, metric, value}}")
+    labels = tuple(st.label for st in settings)
+    out = []
+    for i, item in enumerate(value):
+        where = f"seed_results[{i}]"
+        ck.mapping(item, where)
+        ck.fields(item, SEED_RESULT_FIELDS, where, required=("source", "target", "metric", "value"))
+        setting = ck.choice(item.get("setting", labels[0]), labels, f"{where}.setting")
+        for k in ("source", "target"):
+            ck.choice(item[k], tuple(keys), f"{where}.{k}")
+        ck.choice(item["metric"], SEED_METRICS, f"{where}.metric")
+        ck.number(item["value"], f"{where}.value", low=-float("inf"))
+        out.append({"setting": setting, **{k: item[k] for k in ("source", "target", "metric", "value")},
+                    "note": str(item.get("note") or "")})  # fmt: skip
+    return tuple(out)
+
+
+def _fit(ck: _Checker, value: Any, keys: list[str]) -> FitSpec:
     ck.mapping(value, "fit")
     ck.fields(value, FIT_FIELDS, "fit")
     methods = value.get("method", "ridge")
@@ -342,6 +504,9 @@ def _fit(ck: _Checker, value: Any) -> FitSpec:
     for i, a in enumerate(alphas):
         ck.number(a, f"fit.alpha[{i}]" if len(alphas) > 1 else "fit.alpha", low=0.0)
     val = ck.number(value.get("val_fraction", 0.2), "fit.val_fraction", low=0.01, high=0.9)
+    self_alpha = value.get("self_alpha")
+    if self_alpha is not None:
+        self_alpha = float(ck.number(self_alpha, "fit.self_alpha", low=0.0))
     sgd = ck.mapping(value.get("sgd") or {}, "fit.sgd")
     ck.fields(sgd, SGD_FIELDS, "fit.sgd")
     for k in ("epochs", "batch_size"):
@@ -350,11 +515,24 @@ def _fit(ck: _Checker, value: Any) -> FitSpec:
     for k in ("lr", "momentum"):
         if k in sgd:
             ck.number(sgd[k], f"fit.sgd.{k}", low=0.0)
+    mlp = ck.mapping(value.get("mlp") or {}, "fit.mlp")
+    ck.fields(mlp, MLP_FIELDS, "fit.mlp")
+    for k in ("trials", "max_epochs", "patience", "batch_size"):
+        if k in mlp:
+            ck.number(mlp[k], f"fit.mlp.{k}", low=1, integer=True)
+    search = ck.mapping(mlp.get("search") or {}, "fit.mlp.search")
+    for k, v in search.items():
+        if not isinstance(v, list) or not v:
+            raise ck.fail(f"fit.mlp.search.{k}", f"{_show(v)} must be a non-empty list of candidate values")
+    mlp_pairs = _pairs(ck, mlp["pairs"], keys, "fit.mlp.pairs") if "pairs" in mlp else None
     return FitSpec(
         methods=tuple(dict.fromkeys(methods)),
         alphas=tuple(float(a) for a in dict.fromkeys(alphas)),
         val_fraction=float(val),
         sgd={**SGD_DEFAULTS, **sgd},
+        mlp={k: v for k, v in mlp.items() if k != "pairs"},
+        self_alpha=self_alpha,
+        mlp_pairs=mlp_pairs,
     )
 
 
@@ -365,9 +543,13 @@ def _resources(ck: _Checker, value: Any) -> Resources:
     num_cpus = value.get("num_cpus", r.num_cpus)
     if num_cpus is not None:
         ck.number(num_cpus, "resources.num_cpus", low=1, integer=True)
+    batch_size = value.get("batch_size", r.batch_size)
+    if batch_size != "auto":
+        ck.number(batch_size, "resources.batch_size", low=1, integer=True)
     return Resources(
         num_cpus=num_cpus,
-        batch_size=ck.number(value.get("batch_size", r.batch_size), "resources.batch_size", low=1, integer=True),
+        batch_size=batch_size,
+        precision=ck.choice(value.get("precision", r.precision), PRECISIONS, "resources.precision"),
         gpus_per_extract=float(
             ck.number(value.get("gpus_per_extract", r.gpus_per_extract), "resources.gpus_per_extract", low=0.0, high=8)
         ),

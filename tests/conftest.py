@@ -23,3 +23,15 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for a test: tiny CPU workloads on a shared 2-core machine run faster and
+    steadier that way. Modules opt in with pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,13 +20,7 @@ CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian ca
 ESPRESSO = 967
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny CPU workloads on a shared 2-core machine run faster and steadier on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photo(name: str, size: int = 224) -> torch.Tensor:

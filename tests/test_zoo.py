@@ -11,14 +11,7 @@ from featrec_grid.models import extract_batch, load_classifier
 from featrec_grid.refs import DataRef, ModelRef
 from featrec_grid.store import Store
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine train much faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
