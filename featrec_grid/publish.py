@@ -48,9 +48,11 @@ def publish(output: Path, spec: GridSpec) -> Path:
 
 def seed_table(spec: GridSpec, results: pd.DataFrame) -> pd.DataFrame:
     """The seed's published numbers beside ours: one row per spec `seed_results` entry, one column per mode and
-    method that ran (e.g. `faithful sgd`, `default ridge`), NaN where that pair did not run."""
+    method that ran on at least one of these pairs (faithful first, e.g. `faithful sgd`, `default ridge`), NaN
+    where that pair did not run."""
     columns = ["setting", "source", "target", "metric", "seed"]
     runs = list(results[["mode", "method"]].drop_duplicates().itertuples(index=False, name=None)) if len(results) else []
+    runs.sort(key=lambda run: (run[0] != "faithful", run[1]))  # seed | faithful | default, as the seed reads
     records = []
     for item in spec.seed_results:
         row = {k: item[k] for k in columns[:4]} | {"seed": item["value"]}
@@ -60,7 +62,8 @@ def seed_table(spec: GridSpec, results: pd.DataFrame) -> pd.DataFrame:
                           & (results["target"] == item["target"])]  # fmt: skip
             row[f"{mode} {method}"] = float(hit[item["metric"]].iloc[0]) if len(hit) else float("nan")
         records.append(row | {"note": item["note"]})
-    return pd.DataFrame.from_records(records)
+    table = pd.DataFrame.from_records(records)
+    return table.dropna(axis=1, how="all")  # a mode/method that ran on none of these pairs
 
 
 def _seed_section(spec: GridSpec, results: pd.DataFrame) -> Section | None:
