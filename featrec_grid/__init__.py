@@ -4,6 +4,9 @@ Public API (imported lazily so `featrec-grid --help` stays fast):
     load_spec, run_grid, plan          specs and the Ray grid
     Store, load_split                  the Arrow shard store
     fit_ridge, fit_sgd, LinearMap, Moments, RidgeSolver   linear maps
+    DualSolver, fit_ridge_dual         ridge in the dual form (more classes than rows)
+    fit_mlp, MLPConfig                 a nonlinear map, to tell linearity from the logits' limits
+    head_analysis                      why self-reconstruction succeeds or fails for a head (W, b)
     pair_metrics, PairMetrics          reconstruction metrics
     CKA, linear_cka, kernel_cka        representation similarity
 """
@@ -25,6 +28,11 @@ _EXPORTS = {
     "LinearMap": "linmap",
     "Moments": "linmap",
     "RidgeSolver": "linmap",
+    "DualSolver": "linmap",
+    "fit_ridge_dual": "linmap",
+    "fit_mlp": "mlpmap",
+    "MLPConfig": "mlpmap",
+    "head_analysis": "heads",
     "pair_metrics": "metrics",
     "PairMetrics": "metrics",
     "CKA": "cka",

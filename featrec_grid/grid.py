@@ -264,8 +264,6 @@ def _model_cka(store, models, test, column, *after):
     return model_cka(store, models, test, column)
 
 
-
-
 def run_grid(
     spec: GridSpec,
     *,
@@ -278,10 +276,10 @@ def run_grid(
     """Run the whole grid; finished pairs are saved as they arrive and reused by a rerun."""
     import ray
 
-    t_start = time.perf_counter()
     from .models import check_architecture
 
-    for ref in spec.models.values():
+    t_start = time.perf_counter()
+    for ref in spec.models.values():  # a misspelt name or tag fails here, before Ray starts
         check_architecture(ref)
     out_dir = Path(output or spec.output)
     store = Store(spec.store)

@@ -176,7 +176,9 @@ class GridSpec:
                 "self_alpha": self.fit.self_alpha,
                 "val_fraction": self.fit.val_fraction,
                 "sgd": dict(self.fit.sgd),
-                **({"mlp": dict(self.fit.mlp)} if "mlp" in self.fit.methods else {}),
+                **({"mlp": {**self.fit.mlp, **({"pairs": [list(p) for p in self.fit.mlp_pairs]}
+                                               if self.fit.mlp_pairs is not None else {})}}
+                   if "mlp" in self.fit.methods else {}),  # fmt: skip
             },
             "modes": list(self.modes),
             **({"faithful": dict(self.faithful)} if "faithful" in self.modes else {}),
@@ -462,7 +464,7 @@ def _faithful(ck: _Checker, value: Any) -> dict[str, Any]:
             raise ck.fail("faithful.method", f"{_show(out['method'])} must be one of {', '.join(METHODS)} or a list")
         for i, m in enumerate(methods):
             ck.choice(m, METHODS, f"faithful.method[{i}]")
-        out["method"] = tuple(dict.fromkeys(methods))
+        out["method"] = list(dict.fromkeys(methods))
     return out
 
 

@@ -7,6 +7,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 from safetensors.numpy import load_file
@@ -14,7 +15,7 @@ from safetensors.numpy import load_file
 from featrec_grid.cli import main
 from featrec_grid.grid import plan, run_grid
 from featrec_grid.models import IMAGENET_MEAN, IMAGENET_STD, InputConfig, input_for
-from featrec_grid.spec import load_spec
+from featrec_grid.spec import load_spec, parse_spec
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +71,8 @@ def test_spec_cells_and_plan(tmp_path):
     assert faithful.train.options["transform"] == "seed" and faithful.train.key == "digits-seed"
     assert faithful.fit.sgd == {"epochs": 100, "lr": 0.1, "momentum": 0.9, "batch_size": 256, "seed": 0}
     assert spec.cells()[2].test.key == "digits-noisy"
+    again = parse_spec(yaml.safe_load(yaml.safe_dump(spec.resolved())), "resolved")  # spec.resolved.yaml reruns
+    assert again.cells() == spec.cells() and again.seed_results == spec.seed_results
     fits = [t for t in plan(spec) if t.kind == "fit"]
     assert len(fits) == 2 * (4 + 4 + 1) + 2 * 4  # ridge, sgd on 4 pairs and mlp on 1 (default); sgd on 4 (faithful)
 
@@ -164,3 +167,15 @@ def test_seed_table_in_report(run):
     html = (tmp / "out" / "index.html").read_text()
     assert "Against the seed&#x27;s published numbers" in html or "Against the seed's published numbers" in html
     assert "Heads: why self-reconstruction succeeds or fails" in html
+
+
+def test_download_flag_sets_every_dataset_and_keeps_cache_keys(tmp_path):
+    """--download changes how files are fetched, not what the shards hold: shard keys must not change."""
+    from featrec_grid.extract import shard_key
+
+    spec = load_spec(_write(tmp_path))
+    online = spec.with_download()
+    for before, after in zip(spec.cells(), online.cells(), strict=True):
+        assert after.train.options["download"] is True and after.test.options["download"] is True
+        for model in spec.models.values():
+            assert shard_key(model, before.test) == shard_key(model, after.test)
