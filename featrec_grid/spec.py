@@ -292,8 +292,8 @@ def parse_spec(raw: Any, path: str = "<spec>") -> GridSpec:
 
     models = _models(ck, raw["models"])
     settings = _settings(ck, raw["data"])
-    for st in settings:
-        _check_zoo_split(ck, models, st)
+    for i, st in enumerate(settings):
+        _check_zoo_split(ck, models, st, f"data[{i}]" if isinstance(raw["data"], list) else "data")
     pairs = _pairs(ck, raw.get("pairs", "all"), list(models))
     fit = _fit(ck, raw.get("fit") or {}, list(models))
     modes = _modes(ck, raw.get("modes", ["default"]))
@@ -407,7 +407,7 @@ def _data(ck: _Checker, value: Any, where_data: str) -> tuple[DataRef, DataRef]:
     return refs[0], refs[1]
 
 
-def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], setting: Setting) -> None:
+def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], setting: Setting, where: str) -> None:
     """Zoo models train on one digits split; evaluating them on another would test on training rows."""
     for d, part in ((setting.train, "train"), (setting.test, "test")):
         if d.dataset != "digits":
@@ -416,7 +416,7 @@ def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], setting: Setting
         for key, m in models.items():
             if m.source == "zoo" and (m.options.get("data_seed", 0) != seed or fraction != 0.3):
                 raise ck.fail(
-                    f"data.{part}.options",
+                    f"{where}.{part}.options",
                     f"digits split (seed {seed}, test_fraction {fraction}) differs from the one zoo model {key!r} "
                     f"trains on (seed {m.options.get('data_seed', 0)}, test_fraction 0.3): its test rows would "
                     "overlap its training rows; set the model's options.data_seed to the same seed",
