@@ -316,7 +316,7 @@ def run_grid(
         if any(reduce.load_cka(out_dir, c, similarity_key) is None for c in CKA_COLUMNS):
             needed += [(m, spec.test) for m in models_used]  # CKA reads every model's test shards
         heads = {m: None if rebuild else reduce.load_keyed(reduce.head_path(out_dir, m), _shard_key(spec, ref, spec.test))
-                 for m, ref in spec.models.items()}  # fmt: skip
+                 for m, ref in spec.models.items() if m in models_used}  # fmt: skip
         needed += [(m, spec.test) for m, row in heads.items() if row is None]
         extracted: dict[tuple[str, DataRef], Any] = {}
         trained: dict[str, list] = {}
@@ -388,7 +388,7 @@ def run_grid(
             outcome.computed += 1
         outcome.failures.update(mlp_failures)
         outcome.failed += len(mlp_failures) + len([i for i in todo if i[3] == "mlp" and i not in mlp_todo])
-        models = pd.DataFrame.from_records([row or placeholder_row(spec.models[m]) for m, row in heads.items()])
+        models = pd.DataFrame.from_records([heads.get(m) or placeholder_row(ref) for m, ref in spec.models.items()])
     finally:
         if started:
             ray.shutdown()
