@@ -164,9 +164,13 @@ def test_seed_table_in_report(run):
     assert table.loc[0, "default ridge"] == r.loc[("digits", "default", "ridge", "cnn", "cnn"), "agreement"]
     assert table.loc[0, "faithful sgd"] == r.loc[("digits", "faithful", "sgd", "cnn", "cnn"), "agreement"]
     assert table.loc[1, "default sgd"] == r.loc[("to_noisy", "default", "sgd", "mlp", "cnn"), "mse_total_seed"]
-    html = (tmp / "out" / "index.html").read_text()
-    assert "Against the seed&#x27;s published numbers" in html or "Against the seed's published numbers" in html
-    assert "Heads: why self-reconstruction succeeds or fails" in html
+    from browser import inspect_html
+
+    seen = inspect_html(outcome.report, ["section table"],
+                        wait_for="document.querySelectorAll('.js-plotly-plot .main-svg').length >= 3")
+    assert "Against the seed's published numbers" in seen.text and "why self-reconstruction succeeds" in seen.text
+    assert "faithful sgd" in seen.text and "feature directions reach the C = 10 logits" in seen.text
+    assert not seen.console_errors and not seen.page_errors and not seen.external_requests
 
 
 def test_download_flag_sets_every_dataset_and_keeps_cache_keys(tmp_path):
