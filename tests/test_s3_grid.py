@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from moto_s3 import moto_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -44,26 +45,17 @@ resources: {{rows_per_shard: 256}}
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with one bucket; (boto3 client, env for the grid subprocess)."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
     nowhere = str(tmp_path_factory.mktemp("aws") / "none")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        creds = {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-        }
+    with moto_bucket(BUCKET) as (endpoint, client):
         env = {
             k: v
             for k, v in os.environ.items()
             if k not in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
         }
         env.update(
-            creds,
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_REGION="us-east-1",
             AWS_ENDPOINT_URL=endpoint,
             # Keep the AWS SDKs away from any other address: no config files, no instance metadata, no proxy.
             AWS_EC2_METADATA_DISABLED="true",
@@ -72,17 +64,7 @@ def s3(tmp_path_factory):
             NO_PROXY="127.0.0.1,localhost",
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         )
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-        client.create_bucket(Bucket=BUCKET)
         yield client, env
-    finally:
-        server.stop()
 
 
 def _run(spec: Path, env: dict[str, str], *args: str) -> str:

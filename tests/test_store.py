@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pytest
 import safetensors.numpy
+from moto_s3 import moto_bucket
 
 from featrec_grid.errors import UserError
 from featrec_grid.refs import DataRef
@@ -377,8 +378,6 @@ BUCKET = "featrec-test"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on loopback with one bucket; the AWS SDK is kept away from any other address."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
     nowhere = str(tmp_path_factory.mktemp("aws") / "none")
     with pytest.MonkeyPatch.context() as mp:
         for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -386,23 +385,8 @@ def s3(tmp_path_factory):
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         mp.setenv("AWS_CONFIG_FILE", nowhere)
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", nowhere)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            assert host == "127.0.0.1"
-            endpoint = f"http://{host}:{port}"
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name="us-east-1",
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-            )
-            client.create_bucket(Bucket=BUCKET)
+        with moto_bucket(BUCKET) as (endpoint, client):
             yield endpoint, client
-        finally:
-            server.stop()
 
 
 def s3_options(endpoint: str) -> dict[str, str]:
