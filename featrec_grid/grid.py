@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from . import reduce
-from .errors import UserError
+from .errors import UserError, first_line
 from .extract import shard_key
 from .model_table import placeholder_row
 from .publish import CKA_COLUMNS, used_models
@@ -133,7 +133,7 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"--address {address}: cannot join a Ray cluster there ({_first_line(err)})") from None
+            raise UserError(f"--address {address}: cannot join a Ray cluster there ({first_line(err)})") from None
         return True
     # Local runs stay on loopback (FACTS.md): Ray otherwise binds the machine's interface address. Ray reads
     # this switch once, when it is imported, so set it for the processes ray.init spawns and for this one.
@@ -229,7 +229,8 @@ def _tune_mlp(
         items = [item for item in todo if (item[0].setting, item[0].mode) == where]
         cell = items[0][0]
         mlp = cell.fit.mlp
-        space = {k: tune.choice(list(v)) for k, v in (mlp.get("search") or SEARCH_SPACE).items()}
+        search = {k: list(v) for k, v in (mlp.get("search") or SEARCH_SPACE).items()}
+        space = {k: tune.choice(v) for k, v in search.items()}
         tasks = [(store, s, t, cell.train, cell.test, cell.fit) for _, s, t, _ in items]
         trainable = tune.with_resources(tune.with_parameters(_mlp_trial, tasks=tasks), {"cpu": 1, "gpu": gpus})
         tuner = tune.Tuner(
@@ -245,10 +246,10 @@ def _tune_mlp(
         for result in tuner.fit():
             k = result.config["pair"]
             if result.error is not None or "row" not in (result.metrics or {}):
-                errors.setdefault(k, _first_line(result.error or RuntimeError("the trial reported no result")))
+                errors.setdefault(k, first_line(result.error or RuntimeError("the trial reported no result")))
             else:
                 finished.setdefault(k, []).append((float(result.metrics["val_mse"]), json.loads(result.metrics["row"])))
-        searched = "ray tune, random over " + json.dumps({k: list(v) for k, v in (mlp.get("search") or SEARCH_SPACE).items()})
+        searched = "ray tune, random over " + json.dumps(search)
         for k, item in enumerate(items):
             if k in finished:
                 _, row = min(finished[k], key=lambda trial: trial[0] if trial[0] == trial[0] else float("inf"))
@@ -360,32 +361,35 @@ def run_grid(
                 names[cref] = f"cka {column} ({len(models_used)} models)"
                 ckas[cref] = column
 
+        def keep_pair(item: tuple[Cell, str, str, str], value: dict) -> None:
+            cell, s, t, method = item
+            value = {"setting": cell.setting, "mode": cell.mode, **value}
+            reduce.save_pair(out_dir, value, pair_key(spec, cell, s, t, method))
+            rows[(cell.setting, cell.mode, s, t, method)] = value
+            outcome.computed += 1
+
+        failed_refs = set()
         for ref, value, error in _completed(names, progress):
             if error is not None:
                 if isinstance(error, UserError) and outcome.user_error is None:
                     outcome.user_error = str(error)
-                outcome.failures[names[ref]] = _first_line(error)
+                outcome.failures[names[ref]] = first_line(error)
                 outcome.failed += ref in fits
+                failed_refs.add(ref)
             elif ref in fits:
-                cell, s, t, method = fits[ref]
-                value = {"setting": cell.setting, "mode": cell.mode, **value}
-                reduce.save_pair(out_dir, value, pair_key(spec, cell, s, t, method))
-                rows[(cell.setting, cell.mode, s, t, method)] = value
-                outcome.computed += 1
+                keep_pair(fits[ref], value)
             elif ref in ckas:
                 reduce.save_cka(out_dir, ckas[ref], value, similarity_key)
             elif ref in head_tasks:
                 m = head_tasks[ref]
                 reduce.save_keyed(reduce.head_path(out_dir, m), value, _shard_key(spec, spec.models[m], spec.test))
                 heads[m] = value
-        mlp_todo = [item for item in todo if item[3] == "mlp" and not _extract_failed(item, outcome, spec)]
+        # an MLP search starts only if the shards its pair needs were extracted
+        mlp_todo = [(c, s, t, m) for c, s, t, m in todo if m == "mlp"
+                    and not any(extracted[(k, d)] in failed_refs for k in (s, t) for d in (c.train, c.test))]  # fmt: skip
         mlp_rows, mlp_failures = _tune_mlp(spec, store, out_dir, mlp_todo, opts["fit_sgd"]["num_gpus"])
         for item, value in mlp_rows:
-            cell, s, t, method = item
-            value = {"setting": cell.setting, "mode": cell.mode, **value}
-            reduce.save_pair(out_dir, value, pair_key(spec, cell, s, t, method))
-            rows[(cell.setting, cell.mode, s, t, method)] = value
-            outcome.computed += 1
+            keep_pair(item, value)
         outcome.failures.update(mlp_failures)
         outcome.failed += len(mlp_failures) + len([i for i in todo if i[3] == "mlp" and i not in mlp_todo])
         models = pd.DataFrame.from_records([heads.get(m) or placeholder_row(ref) for m, ref in spec.models.items()])
@@ -456,23 +460,12 @@ def cka_key(spec: GridSpec, models: list[str]) -> str:
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
 
 
-def _extract_failed(item: tuple[Cell, str, str, str], outcome: GridOutcome, spec: GridSpec) -> bool:
-    """Whether an extraction the pair needs failed in this run (then its MLP search is not started)."""
-    cell, s, t, _ = item
-    return any(f"extract {m} {d.key}/{d.split}" in outcome.failures for m in (s, t) for d in (cell.train, cell.test))
-
-
 def _shard_key(spec: GridSpec, ref, data: DataRef) -> str:
     return shard_key(ref, data, spec.resources.precision)
 
 
 def _needs_extract(spec: GridSpec, store: Store, ref, data: DataRef) -> bool:
     return store.check_split(store.split_dir(ref.key, data), _shard_key(spec, ref, data)).state != "complete"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[-1] if text else ''}"
 
 
 def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:

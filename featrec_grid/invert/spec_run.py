@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..refs import DataRef, ModelRef
 from ..spec import GridSpec
 from .experiments import Outcome
@@ -172,8 +172,7 @@ def run_invert_spec(
             continue
         if isinstance(error, UserError) and user_error is None:
             user_error = f"{name}: {error}"
-        lines = str(error).strip().splitlines()
-        failures[name] = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+        failures[name] = first_line(error)
     merged = Outcome()
     for name in jobs:  # report order, whatever order the tasks ended in
         if name in results:
