@@ -11,7 +11,8 @@ from .errors import UserError
 
 
 class _Group(click.Group):
-    """Turns UserError into one line on stderr and exit code 2, never a traceback."""
+    """Turns UserError into its lines on stderr and exit code 2, never a traceback; Ctrl-C into exit 130 (finished
+    work is saved as each task ends, so a rerun resumes)."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -19,6 +20,9 @@ class _Group(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished tasks are saved; rerun the same command to resume", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,16 +53,9 @@ def run(
 
     Exit codes: 0 done; 1 some tasks failed (finished work kept, rerun resumes); 2 bad input.
     """
-    from dataclasses import replace
-
     from .grid import run_grid
-    from .spec import absolute_location, load_spec
 
-    grid_spec = load_spec(spec)
-    if store_uri:
-        grid_spec = replace(grid_spec, store=absolute_location(store_uri))
-    if download:
-        grid_spec = grid_spec.with_download()
+    grid_spec = _load(spec, store_uri, download)
     outcome = run_grid(grid_spec, address=address, output=output, rebuild=rebuild, progress=progress, echo=click.echo)
     if outcome.user_error:
         raise UserError(outcome.user_error)
@@ -66,37 +63,54 @@ def run(
     sys.exit(outcome.exit_code)
 
 
-def _stage(spec: str, output: str | None, compute, save) -> None:
-    """A stage beside the grid: compute from the spec, save its table under the output, republish the report."""
-    from pathlib import Path
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--for", "command", type=click.Choice(["run", "cka", "invert"]), default="run", show_default=True,
+              help="Which command's graph to show.")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default: the spec's `output`).")
+@click.option("--store", "store_uri", help="Store location overriding the spec's.")
+@click.option("--rebuild", is_flag=True, help="Show the graph of a run with --rebuild (everything to do).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task: name, kind, status, deps, resources.")
+def plan(spec: str, command: str, output: str | None, store_uri: str | None, rebuild: bool, as_json: bool) -> None:
+    """Validate SPEC and print the exact task graph `run` (or `cka`, `invert`) would execute, without running
+    anything: every task with its status (todo, or cached: its stored result is current and will be reused)."""
+    from .plan import check_inputs, plan_for
 
-    from .publish import publish
-    from .spec import load_spec
-
-    grid_spec = load_spec(spec)
-    out = Path(output or grid_spec.output)
-    save(out, compute(grid_spec, out))
-    click.echo(f"report: {publish(out, grid_spec)}")
+    grid_spec = _load(spec, store_uri)
+    check_inputs(grid_spec)
+    graph = plan_for(grid_spec, command, output, rebuild=rebuild)
+    if as_json:
+        click.echo(json.dumps(graph.records(), indent=1))
+        return
+    cells = ", ".join(f"{c.setting}/{c.mode} [{' '.join(c.fit.methods)}]" for c in grid_spec.cells())
+    click.echo(f"spec {grid_spec.name}: {len(grid_spec.models)} models, {len(grid_spec.pairs)} pairs; {cells}")
+    click.echo(f"store  {grid_spec.store}\noutput {output or grid_spec.output}")
+    for t in graph.tasks.values():
+        click.echo(f"  {t.status:6}  {t.name}")
+    counts = ", ".join(f"{k} {c['todo']}" + (f" (+{c['cached']} cached)" if c["cached"] else "")
+                       for k, c in graph.counts().items())  # fmt: skip
+    click.echo(f"{len(graph.tasks)} tasks, {len(graph.todo())} to do: {counts}")
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
-def plan(spec: str) -> None:
-    """Validate SPEC and print the tasks a run would schedule, without running anything."""
-    from .grid import plan as make_plan
-    from .models import check_architecture
-    from .spec import load_spec
+@click.option("--markdown", is_flag=True, help="The spec reference as a Markdown table (what the README shows).")
+def schema(markdown: bool) -> None:
+    """Print the JSON Schema of spec files (for editors: completion and checks), or the Markdown reference."""
+    from .spec_schema import json_schema, markdown_reference
+
+    click.echo(markdown_reference() if markdown else json.dumps(json_schema(), indent=1))
+
+
+def _load(spec: str, store_uri: str | None = None, download: bool = False):
+    """The validated spec, with the --store and --download overrides applied."""
+    from dataclasses import replace
+
+    from .spec import absolute_location, load_spec
 
     grid_spec = load_spec(spec)
-    for ref in grid_spec.models.values():
-        check_architecture(ref)
-    tasks = make_plan(grid_spec)
-    cells = ", ".join(f"{c.setting}/{c.mode} [{' '.join(c.fit.methods)}]" for c in grid_spec.cells())
-    click.echo(f"spec {grid_spec.name}: {len(grid_spec.models)} models, {len(grid_spec.pairs)} pairs; {cells}")
-    click.echo(f"store  {grid_spec.store}\noutput {grid_spec.output}")
-    for t in tasks:
-        click.echo(f"  {t.name}")
-    click.echo(f"{len(tasks)} tasks")
+    if store_uri:
+        grid_spec = replace(grid_spec, store=absolute_location(store_uri))
+    return grid_spec.with_download() if download else grid_spec
 
 
 @main.command()
@@ -114,17 +128,17 @@ def invert(spec: str, output: str | None, address: str | None, progress: bool) -
 
     Exit codes: 0 done; 1 some tasks failed (the others' results are written); 2 bad input.
     """
+    from pathlib import Path
+
     from .invert.spec_run import run_invert_spec
+    from .publish import publish
     from .reduce import save_inversion
 
-    outcomes = []
-
-    def compute(grid_spec, out):
-        outcomes.append(run_invert_spec(grid_spec, out, progress, address=address))
-        return outcomes[-1]
-
-    _stage(spec, output, compute, save_inversion)
-    outcome = outcomes[-1]
+    grid_spec = _load(spec)
+    out = Path(output or grid_spec.output)
+    outcome = run_invert_spec(grid_spec, out, progress, address=address)
+    save_inversion(out, outcome)
+    click.echo(f"report: {publish(out, grid_spec)}")
     for name, msg in outcome.failures.items():
         click.echo(f"failed: {name}: {msg}")
     click.echo(f"inversion: {len(outcome.failures)} of {outcome.tasks} tasks failed, {outcome.seconds:.1f} s")
@@ -136,16 +150,24 @@ def invert(spec: str, output: str | None, address: str | None, progress: bool) -
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output folder (default: the spec's `output`).")
+@click.option("--address", help="Join this Ray cluster ('auto' or host:port); default: a fresh single-node Ray.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def cka(spec: str, output: str | None, progress: bool) -> None:
-    """Layer-wise CKA of model pairs in SPEC (its `cka:` block: pairs, layers, max_images, batch_size).
+def cka(spec: str, output: str | None, address: str | None, progress: bool) -> None:
+    """Layer-wise CKA of model pairs in SPEC (its `cka:` block: pairs, layers, max_images, batch_size), one task per
+    pair on the Ray cluster (or a fresh single-node Ray).
 
     Writes layer_cka.json and adds heatmaps to the report. Model-level CKA of features and logits is part of `run`.
+    Exit codes: 0 done; 1 some pairs failed (the others are written); 2 bad input.
     """
-    from .layers import run_layer_cka
-    from .reduce import save_layer_cka
+    from .grid import run_layer_cka
 
-    _stage(spec, output, lambda grid_spec, out: run_layer_cka(grid_spec, progress), save_layer_cka)
+    outcome = run_layer_cka(_load(spec), address=address, output=output, progress=progress)
+    click.echo(f"report: {outcome.report}")
+    for name, msg in outcome.failures.items():
+        click.echo(f"failed: {name}: {msg}")
+    if outcome.user_error:
+        raise UserError(outcome.user_error)
+    sys.exit(outcome.exit_code)
 
 
 @main.group()

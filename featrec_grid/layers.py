@@ -1,4 +1,4 @@
-"""`featrec-grid cka SPEC`: layer-by-layer CKA of chosen model pairs on the spec's test images.
+"""`featrec-grid cka SPEC`: layer-by-layer CKA of chosen model pairs on the spec's test images, one task per pair.
 
 Each model sees the same test images through its own input transform; the comparison is featrec_grid.cka.CKA,
 the drop-in replacement for torch-cka (minibatch unbiased HSIC, float64 accumulation).
@@ -8,70 +8,49 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from .errors import UserError
+from .plan import used_models
+from .refs import DataRef, ModelRef
 from .spec import GridSpec
+from .store import Store
 
-FIELDS = ("pairs", "layers", "max_images", "batch_size", "max_features")
 
-
-def _settings(spec: GridSpec) -> dict[str, Any]:
-    block = dict(spec.cka)
-    where = f"{spec.path}: cka"
-    if bad := sorted(set(block) - set(FIELDS)):
-        raise UserError(f"{where}: unknown field(s) {bad}; allowed: {', '.join(FIELDS)}")
-    used = list(dict.fromkeys(k for p in spec.pairs for k in p))
-    pairs = block.get("pairs") or [[a, b] for i, a in enumerate(used) for b in used[i + 1 :]]
-    for p in pairs:
-        if not (isinstance(p, list) and len(p) == 2 and all(k in spec.models for k in p)):
-            raise UserError(f"{where}.pairs: {p!r} must be a [model, model] pair of keys from {list(spec.models)}")
-    layers = block.get("layers") or {}
-    if not isinstance(layers, dict) or any(k not in spec.models for k in layers):
-        raise UserError(f"{where}.layers: must map model keys of {list(spec.models)} to lists of module names")
+def settings(spec: GridSpec) -> dict[str, Any]:
+    """The spec's `cka:` block (validated with the spec) with its defaults: every pair of used models by default."""
+    block = spec.cka
+    used = used_models(spec)
+    pairs = [list(p) for p in block.pairs] if block.pairs else [[a, b] for i, a in enumerate(used) for b in used[i + 1 :]]
     return {
         "pairs": pairs,
-        "layers": layers,
-        "max_images": int(block.get("max_images", 512)),
-        "batch_size": int(block.get("batch_size", 64)),
-        "max_features": block.get("max_features"),
+        "layers": {k: list(v) for k, v in block.layers.items()},
+        "max_images": block.max_images,
+        "batch_size": block.batch_size,
+        "max_features": block.max_features,
     }
 
 
-def run_layer_cka(spec: GridSpec, progress: bool = True) -> list[dict[str, Any]]:
-    """One export() per pair (CKA matrix as nested lists), in the order of the spec's cka.pairs."""
-    from tqdm import tqdm
+def pair_layer_cka(a: ModelRef, b: ModelRef, store: Store, test: DataRef, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A task body: CKA between every layer of model a and every layer of model b on the first `max_images` test
+    images; returns the export (CKA matrix as nested lists, names, layers, notes)."""
+    import torch
 
     from .cka import CKA
     from .data import TransformedDataset, load_dataset
     from .models import load_classifier
-    from .store import Store
-    from .zoo import ensure_trained
 
-    cfg = _settings(spec)
-    store = Store(spec.store)
-    dataset = load_dataset(spec.test)
+    dataset = load_dataset(test)
     rows = list(range(min(cfg["max_images"], len(dataset))))
-    clfs: dict[str, Any] = {}
 
-    def loader(key: str):
-        if key not in clfs:
-            ref = spec.models[key]
-            if ref.source == "zoo":
-                ensure_trained(ref, store)
-            clfs[key] = load_classifier(ref, store)
-        clf = clfs[key]
+    def loader(ref: ModelRef):
+        clf = load_classifier(ref, store)
         subset = torch.utils.data.Subset(TransformedDataset(dataset, clf.input.transform()), rows)
         return clf, torch.utils.data.DataLoader(subset, batch_size=cfg["batch_size"], drop_last=True)
 
-    out = []
-    for a, b in tqdm(cfg["pairs"], desc="layer CKA", disable=not progress):
-        (clf_a, load_a), (clf_b, load_b) = loader(a), loader(b)
-        cka = CKA(
-            clf_a.model or clf_a.backbone, clf_b.model or clf_b.backbone, model1_name=a, model2_name=b,
-            model1_layers=cfg["layers"].get(a), model2_layers=cfg["layers"].get(b), max_features=cfg["max_features"],
-        )
-        cka.compare(load_a, load_b)
-        res = cka.export()
-        out.append({k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in res.items()})
-    return out
+    (clf_a, load_a), (clf_b, load_b) = loader(a), loader(b)
+    cka = CKA(
+        clf_a.model or clf_a.backbone, clf_b.model or clf_b.backbone, model1_name=a.key, model2_name=b.key,
+        model1_layers=cfg["layers"].get(a.key), model2_layers=cfg["layers"].get(b.key),
+        max_features=cfg["max_features"],
+    )
+    cka.compare(load_a, load_b)
+    res = cka.export()
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in res.items()}

@@ -11,15 +11,11 @@ from pathlib import Path
 import pandas as pd
 
 from . import reduce
+from .plan import CKA_COLUMNS, cka_key, used_models
 from .report import PAIR_METRICS, Section, matrix_figure, model_order, write_report
 from .spec import GridSpec
 
-CKA_COLUMNS = ("features", "logits")
 INVERSION_SUMMARY = ["target_prob", "heldout_prob", "retrieval_top1", "chance", "ssim", "psnr"]
-
-
-def used_models(spec: GridSpec) -> list[str]:
-    return list(dict.fromkeys(k for p in spec.pairs for k in p))
 
 
 def publish(output: Path, spec: GridSpec) -> Path:
@@ -101,8 +97,6 @@ def _head_section(models: pd.DataFrame) -> Section | None:
 
 def _cka_section(spec: GridSpec, output: Path, order: list[str]) -> Section | None:
     """Model-level CKA of penultimate features and of logits on the test split, beside the agreement matrix."""
-    from .grid import cka_key
-
     used = used_models(spec)
     found = {c: reduce.load_cka(output, c, cka_key(spec, used)) for c in CKA_COLUMNS}
     matrices = {

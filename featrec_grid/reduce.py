@@ -186,3 +186,17 @@ def save_inversion(output: Path, result: Any) -> None:
 def save_layer_cka(output: Path, exports: list[dict[str, Any]]) -> None:
     """layer_cka.json: every pair's CKA export (names, layers, matrix, notes), as the `cka` command computed it."""
     write_atomic(Path(output) / "layer_cka.json", json.dumps(exports, indent=1, default=str).encode())
+
+
+TASK_COLUMNS = ["command", "name", "kind", "status", "seconds", "node", "error"]
+
+
+def save_tasks(output: Path, command: str, records: list[dict[str, Any]]) -> None:
+    """tasks.parquet: one row per task the last `command` (run, cka, invert) executed or reused (name, kind, status
+    computed/reused/failed, seconds in the task body, node, error); rows of the other commands are kept."""
+    path = Path(output) / "tasks.parquet"
+    frame = pd.DataFrame.from_records([{"command": command, **r} for r in records], columns=TASK_COLUMNS)
+    if path.exists():
+        old = pd.read_parquet(path)
+        frame = pd.concat([old[old["command"] != command], frame], ignore_index=True) if len(old) else frame
+    write_atomic(path, frame.to_parquet(index=False))

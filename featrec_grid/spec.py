@@ -7,9 +7,15 @@ current directory, as for any command-line path.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import os
 import re
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +30,12 @@ MODES = ("default", "faithful")
 PAIR_MODES = ("all", "self")
 ZOO_ARCHITECTURES = ("mlp", "cnn", "resnet", "vit", "mixer", "convnext")
 LITE_ARCHITECTURES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
-KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # always fullmatch: no trailing newline slips through
+MAX_DEPTH = 32  # YAML nesting a spec may use
+MAX_NODES = 100_000  # YAML nodes after expanding aliases (an alias bomb expands to billions)
 
 TOP_FIELDS = ("name", "description", "store", "output", "models", "data", "pairs", "fit", "modes", "faithful",
-              "seed_results", "resources", "inversion", "cka")  # fmt: skip
+              "seed_results", "resources", "inversion", "cka", "report")  # fmt: skip
 SETTING_FIELDS = ("label", "train", "test")
 FAITHFUL_FIELDS = ("crop", "method")
 SEED_RESULT_FIELDS = ("setting", "source", "target", "metric", "value", "note")
@@ -37,8 +45,6 @@ DATA_FIELDS = ("dataset", "split", "options")
 FIT_FIELDS = ("method", "alpha", "self_alpha", "val_fraction", "sgd", "mlp")
 MLP_FIELDS = ("trials", "pairs", "search", "max_epochs", "patience", "batch_size")
 SGD_FIELDS = ("epochs", "lr", "momentum", "batch_size", "seed")
-RESOURCE_FIELDS = ("num_cpus", "batch_size", "precision", "gpus_per_extract", "gpus_per_fit", "max_retries",
-                   "rows_per_shard")  # fmt: skip
 PRECISIONS = ("fp32", "bf16")
 
 DEFAULT_ALPHAS = (0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
@@ -83,17 +89,90 @@ class Cell:
     fit: FitSpec
 
 
+def _doc(text: str, **limits: Any) -> Any:
+    """Field metadata: the one-line doc the README and `featrec-grid schema` show, and limits the checker applies."""
+    return {"doc": text, **limits}
+
+
 @dataclass(frozen=True)
 class Resources:
-    """What tasks ask Ray for; GPUs only when the cluster has them (grid.py checks)."""
+    """What tasks ask Ray for; GPU shares only when the cluster has GPUs (runtime.clamp)."""
 
-    num_cpus: int | None = None
-    batch_size: int | str = 64  # or "auto": the largest power of two that fits the GPU (64 on CPU)
-    precision: str = "fp32"  # bf16: autocast of the backbone on extraction; shards stay float32
-    gpus_per_extract: float = 1.0
-    gpus_per_fit: float = 0.25
-    max_retries: int = 2
-    rows_per_shard: int = 65536
+    num_cpus: int | None = field(default=None, metadata=_doc(
+        "CPUs of the single-node Ray a local run starts (default: all of this machine's; ignored with --address)",
+        low=1, high=4096))
+    batch_size: int | str = field(default=64, metadata=_doc(
+        "extraction batch size, or 'auto': the largest power of two that fits the GPU (64 on CPU)", low=1, high=65536))
+    precision: str = field(default="fp32", metadata=_doc(
+        "fp32, or bf16: autocast of the backbone during extraction (shards stay float32, own cache key)",
+        choices=PRECISIONS))
+    gpus_per_extract: float = field(default=1.0, metadata=_doc(
+        "GPUs (or a share) each extraction and zoo training task asks for, where the cluster has GPUs", low=0.0,
+        high=8.0))
+    gpus_per_fit: float = field(default=0.25, metadata=_doc(
+        "GPU share of each SGD fit, MLP trial and layer-CKA task, where the cluster has GPUs", low=0.0, high=1.0))
+    max_retries: int = field(default=2, metadata=_doc("Ray retries of a task whose worker died", low=0, high=100))
+    rows_per_shard: int = field(default=65536, metadata=_doc("rows per Arrow shard file", low=16, high=2**31))
+
+
+@dataclass(frozen=True)
+class CkaSpec:
+    """The `cka:` block: layer-wise CKA of model pairs (`featrec-grid cka`)."""
+
+    pairs: tuple[tuple[str, str], ...] | None = field(
+        default=None, metadata=_doc("[model, model] pairs to compare; default: every pair of models the spec uses"))
+    layers: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, metadata=_doc("model key -> module names to compare (default: every leaf module with parameters)"))
+    max_images: int = field(default=512, metadata=_doc("test images compared (the first ones)", low=4))
+    batch_size: int = field(default=64, metadata=_doc("images per minibatch (unbiased HSIC needs > 3)", low=4,
+                                                      high=65536))
+    max_features: int | None = field(default=None, metadata=_doc(
+        "average-pool wider layer outputs to at most this many features per image; default: no pooling", low=1))
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """The `report:` block: how the report states uncertainty."""
+
+    ci: float = field(default=0.95, metadata=_doc("confidence level of the bootstrap intervals", low=0.5, high=0.999))
+    resamples: int = field(default=1000, metadata=_doc("bootstrap resamples over test images (0: no intervals)", low=0,
+                                                       high=100_000))
+    seed: int = field(default=0, metadata=_doc("seed of the bootstrap resampling", low=0))
+
+
+ZOO_OPTIONS = ("seed", "img_size", "epochs", "lr", "batch_size", "data_seed", "train_limit")
+# Model and data options: name -> (type, doc, limits). Unknown option names are refused for zoo models (zoo.OPTIONS);
+# for the other sources they are passed on unchanged.
+MODEL_OPTIONS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    "img_size": (int, "input side in pixels (zoo default 16; others: the model's own)", {"low": 4, "high": 4096}),
+    "mean": (tuple[float, float, float], "input normalisation mean (R, G, B)", {}),
+    "std": (tuple[float, float, float], "input normalisation std (R, G, B)", {"low": 1e-6}),
+    "interpolation": (str, "resize interpolation (bilinear, bicubic, nearest)", {"choices": ("bilinear", "bicubic",
+                                                                                            "nearest")}),
+    "crop_pct": (float, "center-crop fraction after resize", {"low": 0.05, "high": 1.0}),
+    "label_space": (str, "name of the label space (models sharing it are scored on labels)", {}),
+    "num_classes": (int, "classes of a freshly built head (timm, torchvision)", {"low": 1}),
+    "seed": (int, "seed of random initialisation (and of zoo training)", {"low": 0}),
+    "epochs": (int, "zoo: training epochs (default per architecture)", {"low": 1, "high": 10_000}),
+    "lr": (float, "zoo: peak learning rate (AdamW, one-cycle)", {"low": 1e-8, "high": 10.0}),
+    "batch_size": (int, "zoo: training batch size", {"low": 1, "high": 65536}),
+    "data_seed": (int, "zoo: seed of the digits split it trains on (must match the data's seed)", {"low": 0}),
+    "train_limit": (int | None, "zoo: train on the first N train images only", {"low": 1}),
+}
+DATA_OPTIONS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    "root": (str, "directory holding the dataset files (cifar, places365, folder)", {}),
+    "download": (bool, "download missing CIFAR/Places365 files through torchvision (also --download)", {}),
+    "seed": (int, "digits: seed of the stratified split", {"low": 0}),
+    "test_fraction": (float, "digits: test share of the split", {"low": 0.01, "high": 0.99}),
+    "view": (str, "digits: an altered view of the images", {"choices": ("noisy", "inverted")}),
+    "noise": (float, "digits view noisy: noise std as a fraction of the pixel range", {"low": 0.0, "high": 10.0}),
+    "noise_seed": (int, "digits view noisy: seed of the noise", {"low": 0}),
+    "limit": (int, "use the first N images of the split", {"low": 1}),
+    "transform": (str, "model: each model's own preprocessing; seed: the FeatReconstruct seed's CenterCrop",
+                  {"choices": TRANSFORMS}),
+    "crop": (int, "transform seed: CenterCrop size (default: the model's input size)", {"low": 1, "high": 4096}),
+    "label_space": (str, "folder: name of its label space", {}),
+}
 
 
 @dataclass(frozen=True)
@@ -114,7 +193,8 @@ class GridSpec:
     faithful: dict[str, Any] = field(default_factory=dict)
     seed_results: tuple[dict[str, Any], ...] = ()
     inversion: dict[str, Any] = field(default_factory=dict)
-    cka: dict[str, Any] = field(default_factory=dict)
+    cka: CkaSpec = field(default_factory=CkaSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
 
     @property
     def train(self) -> DataRef:
@@ -185,43 +265,93 @@ class GridSpec:
             **({"seed_results": [dict(r) for r in self.seed_results]} if self.seed_results else {}),
             "resources": dict(self.resources.__dict__),
             **({"inversion": self.inversion} if self.inversion else {}),
-            **({"cka": self.cka} if self.cka else {}),
+            "cka": _plain(dataclasses.asdict(self.cka)),
+            "report": dataclasses.asdict(self.report),
         }
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of silently keeping the last one."""
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats (1e-3 is a number, not a string), string keys only, duplicate keys refused,
+    merge keys (<<) honoured."""
 
 
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+_SpecLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: _SpecLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise UserError(f"{loader.name}: line {line}: a mapping key must be a plain value (a name), got a "
+                            f"{'mapping' if isinstance(key_node, yaml.MappingNode) else 'list'}")  # fmt: skip
         key = loader.construct_object(key_node, deep=deep)
-        if not isinstance(key, str | int | float | bool | type(None)):
-            raise UserError(
-                f"{loader.name}: line {key_node.start_mark.line + 1}: a mapping key must be a plain value, "
-                f"got {type(key).__name__}"
-            )
+        if not isinstance(key, str):
+            hint = " (YAML reads yes/no/on/off/true/false as booleans)" if isinstance(key, bool) else ""
+            raise UserError(f"{loader.name}: line {line}: key {key_node.value!r} must be a name{hint}; "
+                            f"quote it ('{key_node.value}') if you mean the text")  # fmt: skip
         if key in seen:
-            raise UserError(
-                f"{loader.name}: line {key_node.start_mark.line + 1}: duplicate key {key!r} "
-                f"(first at line {seen[key]}); each key may appear once"
-            )
-        seen[key] = key_node.start_mark.line + 1
+            raise UserError(f"{loader.name}: line {line}: duplicate key {key!r} (first at line {seen[key]}); "
+                            "each key may appear once")  # fmt: skip
+        seen[key] = line
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _check_size(path: str, root: yaml.Node | None) -> None:
+    """Refuse YAML nested deeper than MAX_DEPTH or expanding (through aliases) to more than MAX_NODES nodes."""
+    stack: list[tuple[yaml.Node, int]] = [(root, 1)] if root is not None else []
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_DEPTH:
+            raise UserError(f"{path}: line {node.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels; "
+                            "a spec needs a handful")  # fmt: skip
+        if nodes > MAX_NODES:
+            raise UserError(f"{path}: expands to more than {MAX_NODES:,} values (through aliases); a spec needs "
+                            "far fewer: write the values out")  # fmt: skip
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((n, depth + 1) for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((n, depth + 1) for n in node.value)
 
 
 class _Checker:
-    """Carries the file name so every message starts with it."""
+    """Carries the file name so every message starts with it, and collects the problems of a whole spec: a
+    block that fails stops at its first problem, the other blocks are still checked."""
 
     def __init__(self, path: str):
         self.path = path
+        self.errors: list[str] = []
+        self.limits: dict[str, dict[str, Any]] = {}  # limits by dotted field path, for dataclasses without metadata
 
     def fail(self, where: str, msg: str) -> UserError:
         return UserError(f"{self.path}: {where}: {msg}")
+
+    @contextmanager
+    def block(self) -> Iterator[None]:
+        """Check one block: its first UserError is recorded and checking goes on with the next block."""
+        try:
+            yield
+        except UserError as err:
+            self.errors.append(str(err))
+
+    def raise_errors(self) -> None:
+        if len(self.errors) == 1:
+            raise UserError(self.errors[0])
+        if self.errors:
+            raise UserError(f"{len(self.errors)} problems:\n" + "\n".join(self.errors))
 
     def mapping(self, value: Any, where: str) -> dict:
         if not isinstance(value, dict):
@@ -240,7 +370,7 @@ class _Checker:
                 raise self.fail(f"{where}.{k}" if where != "spec" else k, "missing required field")
 
     def choice(self, value: Any, allowed: tuple[str, ...], where: str) -> str:
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             hint = difflib.get_close_matches(str(value), allowed, n=1)
             did = f"; did you mean {hint[0]!r}?" if hint else ""
             raise self.fail(where, f"{_show(value)} is not one of {', '.join(allowed)}{did}")
@@ -248,11 +378,83 @@ class _Checker:
 
     def number(self, value: Any, where: str, *, low: float, high: float = float("inf"), integer: bool = False):
         ok = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok or not (low <= value <= high):
+        if isinstance(value, bool) or not ok or not math.isfinite(value) or not (low <= value <= high):
             kind = "an integer" if integer else "a number"
-            rng = f">= {low}" if high == float("inf") else f"in [{low}, {high}]"
-            raise self.fail(where, f"{_show(value)} is not {kind} {rng}")
+            rng = f">= {_num(low)}" if high == float("inf") else f"in [{_num(low)}, {_num(high)}]"
+            rng = "" if low == -float("inf") and high == float("inf") else " " + rng
+            finite = " (infinity and NaN mean nothing here)" if ok and not isinstance(value, bool) else ""
+            raise self.fail(where, f"{_show(value)} is not {kind}{rng}{finite}")
         return value
+
+    def name(self, value: Any, where: str, what: str = "a name") -> str:
+        if not isinstance(value, str) or not KEY_RE.fullmatch(value):
+            raise self.fail(where, f"{_show(value)} must be {what}: 1-64 characters of letters, digits, '_', '.', "
+                                   "'+', '-', starting with a letter or digit")  # fmt: skip
+        return value
+
+    def typed(self, value: Any, kind: Any, where: str, limits: dict[str, Any] | None = None) -> Any:
+        """`value` checked against a type annotation (int, float, str, bool, X | None, tuple[X, ...], tuple[X, Y],
+        dict[str, X], a dataclass) and `limits` (low, high, choices); returns it with lists made tuples."""
+        limits = limits or {}
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            inner = [a for a in args if a is not type(None)]
+            return self.typed(value, inner[0], where, limits)
+        if origin is tuple:
+            if not isinstance(value, list | tuple):
+                raise self.fail(where, f"{_show(value)} must be a list")
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(self.typed(v, args[0], f"{where}[{i}]", limits) for i, v in enumerate(value))
+            if len(value) != len(args):
+                raise self.fail(where, f"{_show(value)} must be a list of {len(args)} values")
+            return tuple(self.typed(v, a, f"{where}[{i}]", limits) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        if origin is dict:
+            return {k: self.typed(v, args[1], f"{where}.{k}", limits) for k, v in self.mapping(value, where).items()}
+        if dataclasses.is_dataclass(kind):
+            return typed_block(self, value, kind, where)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise self.fail(where, f"{_show(value)} must be true or false")
+            return value
+        if kind is str:
+            if not isinstance(value, str):
+                raise self.fail(where, f"{_show(value)} must be a string")
+            if "choices" in limits:
+                self.choice(value, tuple(limits["choices"]), where)
+            return value
+        if kind in (int, float):
+            return self.number(value, where, low=limits.get("low", -float("inf")), high=limits.get("high", float("inf")),
+                               integer=kind is int)  # fmt: skip
+        return value
+
+
+def typed_block(ck: _Checker, value: Any, kind: type, where: str) -> Any:
+    """A mapping checked field by field against dataclass `kind` (types from its annotations, limits from each field's
+    metadata or from ck.limits by dotted path), unknown fields refused with a did-you-mean; returns kind(**values)."""
+    value = ck.mapping(value, where)
+    hints = typing.get_type_hints(kind)
+    known = {f.name: f for f in dataclasses.fields(kind)}
+    ck.fields(value, tuple(known), where)
+    out = {}
+    for name, v in value.items():
+        limits = dict(known[name].metadata) or ck.limits.get(f"{where}.{name}", {})
+        out[name] = ck.typed(v, hints[name], f"{where}.{name}", limits)
+    return kind(**out)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: what YAML writes back as the spec a user would write."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _show(value: Any) -> str:
@@ -265,63 +467,147 @@ def load_spec(path: str | os.PathLike) -> GridSpec:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: spec file not found" if not p.exists() else f"{path}: not a file")
-    text = p.read_text(encoding="utf-8")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise UserError(f"{path}: holds NUL bytes: not a YAML text file (UTF-16 or binary?); save it as UTF-8")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); save it as "
+                        "UTF-8") from None  # fmt: skip
     if not text.strip():
         raise UserError(f"{path}: the spec file is empty; it needs at least name, models and data")
     try:
-        with open(p, encoding="utf-8") as fh:  # a file stream lets the loader name the file in messages
-            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        loader = _SpecLoader(text)
+        loader.name = str(path)
+        try:
+            root = loader.get_single_node()
+            _check_size(str(path), root)
+            raw = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise UserError(f"{path}: {line}invalid YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read; a spec needs a handful of levels") from None
     return parse_spec(raw, str(path))
 
 
 def parse_spec(raw: Any, path: str = "<spec>") -> GridSpec:
-    """Validate an already-parsed spec mapping (what load_spec does after reading YAML)."""
+    """Validate an already-parsed spec mapping (what load_spec does after reading YAML). Every block is checked;
+    the UserError lists the first problem of each block that has one, one line each."""
     ck = _Checker(path)
     if raw is None:
         raise UserError(f"{path}: the spec file is empty; it needs at least name, models and data")
     ck.mapping(raw, "spec")
     ck.fields(raw, TOP_FIELDS, "spec", required=("name", "models", "data"))
-    name = raw["name"]
-    if not isinstance(name, str) or not KEY_RE.match(name):
-        raise ck.fail("name", f"{_show(name)} must be 1-64 characters of letters, digits, '_', '.', '+', '-'")
+    got: dict[str, Any] = {}
 
-    models = _models(ck, raw["models"])
-    settings = _settings(ck, raw["data"])
-    for i, st in enumerate(settings):
-        _check_zoo_split(ck, models, st, f"data[{i}]" if isinstance(raw["data"], list) else "data")
-    pairs = _pairs(ck, raw.get("pairs", "all"), list(models))
-    fit = _fit(ck, raw.get("fit") or {}, list(models))
-    modes = _modes(ck, raw.get("modes", ["default"]))
-    faithful = _faithful(ck, raw.get("faithful") or {})
-    seed_results = _seed_results(ck, raw.get("seed_results") or [], settings, list(models))
-    resources = _resources(ck, raw.get("resources") or {})
+    def check(name: str, fn, *args) -> None:
+        with ck.block():
+            got[name] = fn(*args)
+
+    check("name", ck.name, raw["name"], "name", "a spec name")
+    check("models", _models, ck, raw["models"])
+    keys = list(got.get("models") or (raw["models"] if isinstance(raw["models"], dict) else []))
+    check("settings", _settings, ck, raw["data"])
+    if "models" in got and "settings" in got:
+        for i, st in enumerate(got["settings"]):
+            check(f"zoo_split{i}", _check_zoo_split, ck, got["models"], st,
+                  f"data[{i}]" if isinstance(raw["data"], list) else "data")  # fmt: skip
+    check("pairs", _pairs, ck, raw.get("pairs", "all"), keys)
+    check("fit", _fit, ck, raw.get("fit") or {}, keys)
+    check("modes", _modes, ck, raw.get("modes", ["default"]))
+    check("faithful", _faithful, ck, raw.get("faithful") or {})
+    if "settings" in got:
+        check("seed_results", _seed_results, ck, raw.get("seed_results") or [], got["settings"], keys)
+    check("resources", _resources, ck, raw.get("resources") or {})
+    check("cka", _cka, ck, raw.get("cka") or {}, keys)
+    check("report", typed_block, ck, raw.get("report") or {}, ReportSpec, "report")
+    check("inversion", _inversion, ck, raw.get("inversion") or {})
     store = raw.get("store", "store")
-    output = raw.get("output", f"reports/{name}")
+    output = raw.get("output", f"reports/{raw['name']}")
     for fname, value in (("store", store), ("output", output)):
         if not isinstance(value, str) or not value.strip():
-            raise ck.fail(fname, f"{_show(value)} must be a path or URI string")
+            ck.errors.append(str(ck.fail(fname, f"{_show(value)} must be a path or URI string")))
+    ck.raise_errors()
     return GridSpec(
-        name=name,
+        name=got["name"],
         path=path,
         store=absolute_location(store),
         output=absolute_location(output),
-        models=models,
-        settings=settings,
-        pairs=pairs,
-        fit=fit,
-        resources=resources,
+        models=got["models"],
+        settings=got["settings"],
+        pairs=got["pairs"],
+        fit=got["fit"],
+        resources=got["resources"],
         description=str(raw.get("description") or ""),
-        modes=modes,
-        faithful=faithful,
-        seed_results=seed_results,
-        inversion=dict(ck.mapping(raw.get("inversion") or {}, "inversion")),
-        cka=dict(ck.mapping(raw.get("cka") or {}, "cka")),
+        modes=got["modes"],
+        faithful=got["faithful"],
+        seed_results=got.get("seed_results", ()),
+        inversion=got["inversion"],
+        cka=got["cka"],
+        report=got["report"],
     )
+
+
+def _cka(ck: _Checker, value: Any, keys: list[str]) -> CkaSpec:
+    block = typed_block(ck, value, CkaSpec, "cka")
+    for i, pair in enumerate(block.pairs or ()):
+        for k in pair:
+            ck.choice(k, tuple(keys), f"cka.pairs[{i}]")
+    for k in block.layers:
+        ck.choice(k, tuple(keys), "cka.layers")
+    return block
+
+
+def _inversion(ck: _Checker, value: Any) -> dict[str, Any]:
+    """The `inversion:` block checked field by field against InversionConfig (types, limits, unknown fields), then
+    built once so its own consistency checks run too; kept as the plain mapping the spec gave."""
+    block = ck.mapping(value, "inversion")
+    if not block:
+        return {}
+    from .invert.run import InversionConfig
+
+    ck.limits = {f"inversion.{k}": v for k, v in INVERSION_LIMITS.items()}
+    typed_block(ck, block, InversionConfig, "inversion")
+    InversionConfig.from_dict(block)  # its own cross-field checks
+    return dict(block)
+
+
+# Limits of the `inversion:` fields (their types come from InversionConfig, OptimSettings and DecoderConfig).
+INVERSION_LIMITS: dict[str, dict[str, Any]] = {
+    "seeds": {"low": 0},
+    "classes": {"low": 0},
+    "max_classes": {"low": 1},
+    "combine_weights": {"low": 0.0},
+    "untrained_seed": {"low": 0},
+    "gallery_items": {"low": 1, "high": 100},
+    "manipulation_items": {"low": 1, "high": 100},
+    "threads": {"low": 1, "high": 256},
+    "gpus": {"low": 0.0, "high": 1.0},
+    "optim.steps": {"low": 1, "high": 100_000},
+    "optim.lr": {"low": 0.0, "high": 100.0},
+    "optim.blur_sigma": {"low": 0.0, "high": 100.0},
+    "optim.blur_every": {"low": 1},
+    "optim.jitter": {"low": 0, "high": 1024},
+    "optim.noise_mean": {"low": 0.0, "high": 1.0},
+    "optim.noise_scale": {"low": 0.0, "high": 10.0},
+    "optim.size": {"low": 4, "high": 4096},
+    "decoder.size": {"low": 4, "high": 1024},
+    "decoder.z_dim": {"low": 1},
+    "decoder.embed_dim": {"low": 1},
+    "decoder.channels": {"low": 1},
+    "decoder.epochs": {"low": 1, "high": 100_000},
+    "decoder.batch_size": {"low": 2, "high": 65536},
+    "decoder.lr": {"low": 0.0, "high": 10.0},
+    "decoder.adv_weight": {"low": 0.0},
+    "decoder.seed": {"low": 0},
+    "decoder.max_seconds": {"low": 0.0},
+}
 
 
 def absolute_location(location: str) -> str:
@@ -338,8 +624,7 @@ def _models(ck: _Checker, value: Any) -> dict[str, ModelRef]:
     out: dict[str, ModelRef] = {}
     for key, m in value.items():
         where = f"models.{key}"
-        if not isinstance(key, str) or not KEY_RE.match(key):
-            raise ck.fail(where, "a model key must be 1-64 characters of letters, digits, '_', '.', '+', '-'")
+        ck.name(key, where, "a model key")
         ck.mapping(m, where)
         ck.fields(m, MODEL_FIELDS, where, required=("source", "architecture"))
         source = ck.choice(m["source"], MODEL_SOURCES, f"{where}.source")
@@ -358,7 +643,8 @@ def _models(ck: _Checker, value: Any) -> dict[str, ModelRef]:
         weights = m.get("weights")
         if weights is not None and not isinstance(weights, str):
             raise ck.fail(f"{where}.weights", f"{_show(weights)} must be a string (a name or a file path)")
-        options = ck.mapping(m.get("options") or {}, f"{where}.options")
+        table = {k: MODEL_OPTIONS[k] for k in ZOO_OPTIONS} if source == "zoo" else MODEL_OPTIONS
+        options = _options(ck, m.get("options") or {}, table, f"{where}.options", strict=source == "zoo")
         out[key] = ModelRef(key=key, source=source, architecture=arch, weights=weights, options=dict(options))
     return out
 
@@ -373,9 +659,7 @@ def _settings(ck: _Checker, value: Any) -> tuple[Setting, ...]:
             where = f"data[{i}]"
             ck.mapping(item, where)
             ck.fields(item, SETTING_FIELDS, where, required=SETTING_FIELDS)
-            label = item["label"]
-            if not isinstance(label, str) or not KEY_RE.match(label):
-                raise ck.fail(f"{where}.label", f"{_show(label)} must be 1-64 characters of letters, digits, '_', '.', '+', '-'")
+            label = ck.name(item["label"], f"{where}.label", "a setting label")
             if label in [st.label for st in out]:
                 raise ck.fail(f"{where}.label", f"duplicate label {label!r}; each setting needs its own")
             out.append(Setting(label, *_data(ck, item, where)))
@@ -395,16 +679,24 @@ def _data(ck: _Checker, value: Any, where_data: str) -> tuple[DataRef, DataRef]:
         d = ck.mapping(value[part], where)
         ck.fields(d, DATA_FIELDS, where, required=("dataset",))
         dataset = ck.choice(d["dataset"], DATASETS, f"{where}.dataset")
-        split = d.get("split", part)
-        if not isinstance(split, str) or not KEY_RE.match(split):
-            raise ck.fail(f"{where}.split", f"{_show(split)} must be a split name such as 'train' or 'test'")
-        options = ck.mapping(d.get("options") or {}, f"{where}.options")
-        if "transform" in options:
-            ck.choice(options["transform"], TRANSFORMS, f"{where}.options.transform")
+        split = ck.name(d.get("split", part), f"{where}.split", "a split name such as 'train' or 'test'")
+        options = _options(ck, d.get("options") or {}, DATA_OPTIONS, f"{where}.options", strict=True)
         refs.append(DataRef(dataset=dataset, split=split, options=dict(options)))
     if refs[0] == refs[1]:
         raise ck.fail(f"{where_data}.test", f"is the same split as {where_data}.train; test on held-out data")
     return refs[0], refs[1]
+
+
+def _options(ck: _Checker, value: Any, table: dict[str, tuple[Any, str, dict]], where: str, *, strict: bool) -> dict:
+    """Options checked against `table` (type, doc, limits); names outside it are refused when `strict`."""
+    options = ck.mapping(value, where)
+    if strict:
+        ck.fields(options, tuple(table), where)
+    for name, v in options.items():
+        if name in table:
+            kind, _, limits = table[name]
+            ck.typed(v, kind, f"{where}.{name}", limits)
+    return dict(options)
 
 
 def _check_zoo_split(ck: _Checker, models: dict[str, ModelRef], setting: Setting, where: str) -> None:
@@ -539,25 +831,9 @@ def _fit(ck: _Checker, value: Any, keys: list[str]) -> FitSpec:
 
 
 def _resources(ck: _Checker, value: Any) -> Resources:
-    ck.mapping(value, "resources")
-    ck.fields(value, RESOURCE_FIELDS, "resources")
-    r = Resources()
-    num_cpus = value.get("num_cpus", r.num_cpus)
-    if num_cpus is not None:
-        ck.number(num_cpus, "resources.num_cpus", low=1, integer=True)
-    batch_size = value.get("batch_size", r.batch_size)
-    if batch_size != "auto":
-        ck.number(batch_size, "resources.batch_size", low=1, integer=True)
-    return Resources(
-        num_cpus=num_cpus,
-        batch_size=batch_size,
-        precision=ck.choice(value.get("precision", r.precision), PRECISIONS, "resources.precision"),
-        gpus_per_extract=float(
-            ck.number(value.get("gpus_per_extract", r.gpus_per_extract), "resources.gpus_per_extract", low=0.0, high=8)
-        ),
-        gpus_per_fit=float(ck.number(value.get("gpus_per_fit", r.gpus_per_fit), "resources.gpus_per_fit", low=0.0, high=1)),
-        max_retries=ck.number(value.get("max_retries", r.max_retries), "resources.max_retries", low=0, integer=True),
-        rows_per_shard=ck.number(
-            value.get("rows_per_shard", r.rows_per_shard), "resources.rows_per_shard", low=16, integer=True
-        ),
-    )
+    value = dict(ck.mapping(value, "resources"))
+    auto = value.get("batch_size") == "auto"
+    if auto:
+        value.pop("batch_size")
+    r = typed_block(ck, value, Resources, "resources")
+    return replace(r, batch_size="auto") if auto else r

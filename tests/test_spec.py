@@ -54,7 +54,7 @@ BAD = [
     (GOOD + "pairs: [[a, c]]\n", "pairs[0]: 'c' is not one of a, b"),
     (GOOD + "fit: {{alpha: -1}}\n", "fit.alpha: -1 is not a number >= 0"),
     (GOOD + "fit: {{method: lbfgs}}\n", "fit.method: 'lbfgs' is not one of ridge, sgd"),
-    (GOOD + "resources: {{num_cpus: 0}}\n", "resources.num_cpus: 0 is not an integer >= 1"),
+    (GOOD + "resources: {{num_cpus: 0}}\n", "resources.num_cpus: 0 is not an integer in [1, 4096]"),
     (GOOD.replace("split: test", "split: train"), "data.test: is the same split as data.train"),
     (GOOD.replace("split: test}}", "split: test, options: {{seed: 3}}}}"),
      "data.test.options: digits split (seed 3, test_fraction 0.3) differs from the one zoo model 'a' trains on"),
@@ -89,6 +89,6 @@ def test_plan_prints_every_task(tmp_path):
     spec = _write(tmp_path, GOOD.format(store=tmp_path / "s") + "fit: {method: [ridge, sgd]}\n")
     result = CliRunner().invoke(main, ["plan", str(spec)])
     assert result.exit_code == 0, result.output
-    # 2 zoo trainings + 4 extractions + 2 source stats + 4 pairs x 2 methods
-    assert "16 tasks" in result.output
+    # 2 zoo trainings + 4 extractions + 2 source stats + 4 pairs x 2 methods + 2 head analyses + 2 model-level CKA
+    assert "20 tasks, 20 to do" in result.output
     assert "fit a -> b [sgd]" in result.output and "train_zoo a" in result.output

@@ -1,5 +1,5 @@
-"""`featrec-grid invert SPEC`: the spec's models and data -> one Ray task per inversion stage (grid.map_tasks) ->
-inversion.parquet, inversion_cross.parquet + PNGs, written by the driver alone.
+"""`featrec-grid invert SPEC`: the spec's models and data -> one task per inversion stage (plan.plan_invert, run by
+the runtime) -> inversion.parquet, inversion_cross.parquet + PNGs, written by the driver alone.
 
 Task bodies (`run_stage_job`) load their classifiers from the spec's store and their images from the spec's data
 themselves, run on "cuda" when the task was given a GPU, and return rows and CPU image tensors: a worker's disk is
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError
 from ..refs import DataRef, ModelRef
 from ..spec import GridSpec
 from .experiments import Outcome
@@ -119,63 +119,63 @@ class InversionOutcome:
         return 2 if self.user_error else 1 if self.failures else 0
 
 
-def run_invert_spec(
-    spec: GridSpec, output: Path, progress: bool = True, address: str | None = None
-) -> InversionOutcome:
-    """Train the spec's zoo models (in this process, so tasks find them in the store), check the models share one
-    label space, run every inversion stage as a Ray task (joining `address`, or the running Ray, or a fresh
-    single-node one), then write the PNG grids under `output`. A failed task is reported and the others' results
-    are kept. Returns the tables for reduce.save_inversion."""
-    from .. import grid
-    from ..models import load_classifier
-    from ..store import Store
-    from ..zoo import ensure_trained
+@dataclass(frozen=True)
+class _Labels:
+    """What stage planning needs of a classifier: its key and class count (nothing is loaded or trained)."""
 
-    t0 = time.perf_counter()
+    key: str
+    num_classes: int
+
+
+def class_count(ref: ModelRef) -> int:
+    """The number of classes of a model, without training it: zoo models classify the 10 digits; others are loaded."""
+    from ..models import load_classifier
+    from ..zoo import NUM_CLASSES
+
+    return NUM_CLASSES if ref.source == "zoo" else load_classifier(ref).num_classes
+
+
+def stage_jobs(spec: GridSpec) -> dict[str, StageJob]:
+    """Every inversion stage of the spec's used models as a StageJob by task name, in report order. The models must
+    share one label space."""
+    from ..plan import used_models
+
     config = InversionConfig.from_dict(spec.inversion)
-    store = Store(spec.store)
-    used = list(dict.fromkeys(k for p in spec.pairs for k in p))
-    classifiers = {}
-    for key in used:
-        ref = spec.models[key]
-        if ref.source == "zoo":
-            ensure_trained(ref, store)
-        classifiers[key] = load_classifier(ref, store)
-    if len({c.num_classes for c in classifiers.values()}) > 1:
+    labels = {k: _Labels(k, class_count(spec.models[k])) for k in used_models(spec)}
+    if len({c.num_classes for c in labels.values()}) > 1:
         raise UserError(f"{spec.path}: models: inversion compares models on one label space; got class counts "
-                        f"{ {k: c.num_classes for k, c in classifiers.items()} }")  # fmt: skip
-    heldout = heldout_map(classifiers)
+                        f"{ {k: c.num_classes for k, c in labels.items()} }")  # fmt: skip
+    heldout = heldout_map(labels)
     jobs: dict[str, StageJob] = {}
-    for stage, arg in plan_stages(classifiers, config):
-        keys = stage_models(stage, arg, classifiers, heldout, config)
+    for stage, arg in plan_stages(labels, config):
+        keys = stage_models(stage, arg, labels, heldout, config)
         jobs[stage_name(stage, arg)] = StageJob(
             stage, arg, {k: spec.models[k] for k in keys}, heldout, spec.store,
             spec.train if stage == "decoder" else None, spec.test if stage in ("match", "decoder") else None, config,
         )  # fmt: skip
-    # the decoders take longest: submit them first so they start while the optimisation stages fill other CPUs
-    order = sorted(jobs, key=lambda name: jobs[name].stage != "decoder")
-    results: dict[str, Outcome] = {}
-    failures: dict[str, str] = {}
-    user_error = None
-    tasks = grid.map_tasks(
-        run_stage_job,
-        {name: (jobs[name],) for name in order},
-        address=address,
-        num_cpus=spec.resources.num_cpus,
-        gpus=config.gpus,
-        progress=progress,
-        desc="inversion",
-    )
-    for name, value, error in tasks:
-        if error is None:
-            results[name] = value
-            continue
-        if isinstance(error, UserError) and user_error is None:
-            user_error = f"{name}: {error}"
-        failures[name] = first_line(error)
+    return jobs
+
+
+def run_invert_spec(
+    spec: GridSpec, output: Path, progress: bool = True, address: str | None = None
+) -> InversionOutcome:
+    """Run every inversion stage of the spec as a task of plan.plan_invert (zoo models trained first, as tasks of
+    the same graph), joining `address`, or the running Ray, or a fresh single-node one; then write the PNG grids
+    under `output`. A failed task is reported and the others' results are kept. Returns the tables for
+    reduce.save_inversion."""
+    from .. import reduce, runtime
+    from ..plan import plan_invert
+
+    t0 = time.perf_counter()
+    graph = plan_invert(spec)
+    with runtime.session(address, spec.resources.num_cpus):
+        run = runtime.execute(graph, progress=progress, desc="inversion")
+    reduce.save_tasks(output, "invert", run.table())
     merged = Outcome()
-    for name in jobs:  # report order, whatever order the tasks ended in
-        if name in results:
-            merged.add(results[name])
+    stages = graph.of_kind("invert")
+    for task in stages:  # report order, whatever order the tasks ended in
+        if task.name in run.values and task.name not in run.failures:
+            merged.add(run.values[task.name])
     table, images, cross = write_outcome(merged, Path(output))
-    return InversionOutcome(table, cross, images, failures, user_error, len(jobs), time.perf_counter() - t0)
+    user_error = f"{run.user_error_task}: {run.user_error}" if run.user_error else None
+    return InversionOutcome(table, cross, images, run.failures, user_error, len(stages), time.perf_counter() - t0)
