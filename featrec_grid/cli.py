@@ -130,13 +130,13 @@ def invert(spec: str, output: str | None, address: str | None, progress: bool) -
     """
     from pathlib import Path
 
-    from .invert.spec_run import run_invert_spec
+    from .grid import run_invert
     from .publish import publish
     from .reduce import save_inversion
 
     grid_spec = _load(spec)
     out = Path(output or grid_spec.output)
-    outcome = run_invert_spec(grid_spec, out, progress, address=address)
+    outcome = run_invert(grid_spec, out, progress, address=address)
     save_inversion(out, outcome)
     click.echo(f"report: {publish(out, grid_spec)}")
     for name, msg in outcome.failures.items():

@@ -151,3 +151,46 @@ def run_layer_cka(spec: GridSpec, *, address: str | None = None, output: str | N
     exports = [run.values[t.name] for t in graph.of_kind("layer_cka") if t.name in run.values]
     reduce.save_layer_cka(out_dir, exports)
     return StageOutcome(len(graph.todo()), run.failures, run.user_error, publish(out_dir, spec))
+
+
+@dataclass
+class InversionOutcome:
+    """What `featrec-grid invert` computed: the tables and images of the tasks that finished, and the failures
+    (task name -> one line); user_error holds the first task failure a user can fix."""
+
+    table: pd.DataFrame
+    cross: pd.DataFrame
+    images: list[tuple[str, str]]
+    failures: dict[str, str] = field(default_factory=dict)
+    user_error: str | None = None
+    tasks: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.user_error else 1 if self.failures else 0
+
+
+def run_invert(spec: GridSpec, output: str | Path, progress: bool = True,
+               address: str | None = None) -> InversionOutcome:  # fmt: skip
+    """`featrec-grid invert`: every inversion stage as a task of plan.plan_invert (zoo models trained first, as tasks
+    of the same graph) on the joined, running or a fresh single-node Ray; then the PNG grids under `output`. A
+    failed task is reported and the others' results are kept. Returns the tables for reduce.save_inversion."""
+    from .invert.experiments import Outcome
+    from .invert.run import write_outcome
+    from .plan import plan_invert
+
+    t0 = time.perf_counter()
+    check_inputs(spec)
+    graph = plan_invert(spec)
+    with runtime.session(address, spec.resources.num_cpus):
+        run = runtime.execute(graph, progress=progress, desc="inversion")
+    reduce.save_tasks(output, "invert", run.table())
+    merged = Outcome()
+    stages = graph.of_kind("invert")
+    for task in stages:  # report order, whatever order the tasks ended in
+        if task.name in run.values:
+            merged.add(run.values[task.name])
+    table, images, cross = write_outcome(merged, Path(output))
+    user_error = f"{run.user_error_task}: {run.user_error}" if run.user_error else None
+    return InversionOutcome(table, cross, images, run.failures, user_error, len(stages), time.perf_counter() - t0)

@@ -8,24 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .plan import used_models
 from .refs import DataRef, ModelRef
-from .spec import GridSpec
 from .store import Store
-
-
-def settings(spec: GridSpec) -> dict[str, Any]:
-    """The spec's `cka:` block (validated with the spec) with its defaults: every pair of used models by default."""
-    block = spec.cka
-    used = used_models(spec)
-    pairs = [list(p) for p in block.pairs] if block.pairs else [[a, b] for i, a in enumerate(used) for b in used[i + 1 :]]
-    return {
-        "pairs": pairs,
-        "layers": {k: list(v) for k, v in block.layers.items()},
-        "max_images": block.max_images,
-        "batch_size": block.batch_size,
-        "max_features": block.max_features,
-    }
 
 
 def pair_layer_cka(a: ModelRef, b: ModelRef, store: Store, test: DataRef, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -322,11 +322,18 @@ def mlp_search(fit: FitSpec) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ layer-wise CKA
+def layer_cka_settings(spec: GridSpec) -> dict[str, Any]:
+    """The spec's `cka:` block (validated with the spec) with its defaults: every pair of used models by default."""
+    block = spec.cka
+    used = used_models(spec)
+    pairs = [list(p) for p in block.pairs] if block.pairs else [[a, b] for i, a in enumerate(used) for b in used[i + 1 :]]
+    return {"pairs": pairs, "layers": {k: list(v) for k, v in block.layers.items()}, "max_images": block.max_images,
+            "batch_size": block.batch_size, "max_features": block.max_features}  # fmt: skip
+
+
 def plan_layer_cka(spec: GridSpec) -> Graph:
     """One task per model pair of the spec's `cka:` block (after training the zoo models it loads)."""
-    from .layers import settings
-
-    cfg = settings(spec)
+    cfg = layer_cka_settings(spec)
     store = Store(spec.store)
     graph = Graph()
     for a, b in cfg["pairs"]:
@@ -346,7 +353,7 @@ def plan_invert(spec: GridSpec) -> Graph:
 
     store = Store(spec.store)
     graph = Graph()
-    jobs = stage_jobs(spec)
+    jobs = stage_jobs(spec, used_models(spec))
     order = sorted(jobs, key=lambda name: jobs[name].stage != "decoder")
     for name in order:
         job = jobs[name]

@@ -170,7 +170,7 @@ def read_json(output: Path, name: str) -> Any:
 
 def save_inversion(output: Path, result: Any) -> None:
     """inversion.parquet (one row per model, method, control, seed and item), inversion_cross.parquet (one row per
-    decoder model, judge model and condition) and the gallery's image list. `result`: run_invert_spec's outcome
+    decoder model, judge model and condition) and the gallery's image list. `result`: grid.run_invert's outcome
     (table, cross, images), or run_inversion's frame (attrs["images"], attrs["cross"] as row dicts)."""
     if isinstance(result, pd.DataFrame):
         table, images, cross = result, result.attrs.get("images", []), pd.DataFrame(result.attrs.get("cross", []))

@@ -815,9 +815,16 @@ def _fit(ck: _Checker, value: Any, keys: list[str]) -> FitSpec:
         if k in mlp:
             ck.number(mlp[k], f"fit.mlp.{k}", low=1, integer=True)
     search = ck.mapping(mlp.get("search") or {}, "fit.mlp.search")
-    for k, v in search.items():
-        if not isinstance(v, list) or not v:
-            raise ck.fail(f"fit.mlp.search.{k}", f"{_show(v)} must be a non-empty list of candidate values")
+    if search:
+        from .mlpmap import MLPConfig  # the searched names are its fields
+
+        hints = typing.get_type_hints(MLPConfig)
+        ck.fields(search, tuple(hints), "fit.mlp.search")
+        for k, v in search.items():
+            if not isinstance(v, list) or not v:
+                raise ck.fail(f"fit.mlp.search.{k}", f"{_show(v)} must be a non-empty list of candidate values")
+            for i, candidate in enumerate(v):
+                ck.typed(candidate, hints[k], f"fit.mlp.search.{k}[{i}]", {"low": 0})
     mlp_pairs = _pairs(ck, mlp["pairs"], keys, "fit.mlp.pairs") if "pairs" in mlp else None
     return FitSpec(
         methods=tuple(dict.fromkeys(methods)),

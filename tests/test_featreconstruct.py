@@ -13,8 +13,9 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from featrec_grid.cli import main
-from featrec_grid.grid import plan, run_grid
+from featrec_grid.grid import run_grid
 from featrec_grid.models import IMAGENET_MEAN, IMAGENET_STD, InputConfig, input_for
+from featrec_grid.plan import plan_grid
 from featrec_grid.spec import load_spec, parse_spec
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,7 @@ fit:
   self_alpha: 0
   sgd: {{epochs: 3}}
   mlp: {{trials: 2, max_epochs: 3, pairs: [[mlp, cnn]], search: {{hidden: [16, 32], lr: [0.001]}}}}
+cka: {{max_images: 64, batch_size: 32}}
 seed_results:
   - {{setting: digits, source: cnn, target: cnn, metric: agreement, value: 0.99}}
   - {{setting: to_noisy, source: mlp, target: cnn, metric: mse_total_seed, value: 5.0, note: made up}}
@@ -73,7 +75,7 @@ def test_spec_cells_and_plan(tmp_path):
     assert spec.cells()[2].test.key == "digits-noisy"
     again = parse_spec(yaml.safe_load(yaml.safe_dump(spec.resolved())), "resolved")  # spec.resolved.yaml reruns
     assert again.cells() == spec.cells() and again.seed_results == spec.seed_results
-    fits = [t for t in plan(spec) if t.kind == "fit"]
+    fits = plan_grid(spec, tmp_path / "out").of_kind("fit")
     assert len(fits) == 2 * (4 + 4 + 1) + 2 * 4  # ridge, sgd on 4 pairs and mlp on 1 (default); sgd on 4 (faithful)
 
 
@@ -104,12 +106,14 @@ def run(tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("fr")
     spec = load_spec(_write(tmp))
     lines = []
+    planned = CliRunner().invoke(main, ["plan", str(tmp / "fr.yaml"), "--json"])
+    assert planned.exit_code == 0, planned.output
     outcome = run_grid(spec, progress=False, echo=lines.append)
-    return tmp, spec, outcome, lines
+    return tmp, spec, outcome, lines, json.loads(planned.output)
 
 
 def test_cells_methods_and_cross_dataset_rows(run):
-    tmp, spec, outcome, lines = run
+    tmp, spec, outcome, lines, _ = run
     assert outcome.exit_code == 0, outcome.failures
     assert lines[-1] == "pairs: computed=26 reused=0 failed=0"
     r = pd.read_parquet(tmp / "out" / "results.parquet")
@@ -130,6 +134,23 @@ def test_cells_methods_and_cross_dataset_rows(run):
     # the seed's transform really reached the shards: the manifests say so, and features differ from the default
     man = json.loads((tmp / "store" / "shards" / "digits-seed" / "test" / "cnn" / "manifest.json").read_text())
     assert man["transform"]["resize"] is False and tuple(man["transform"]["mean"]) == IMAGENET_MEAN
+
+
+def test_plan_is_what_run_executes(run):
+    """`plan --json` before the run lists exactly the tasks the run computed (tasks.parquet), by name and kind,
+    with their dependencies planned before them; a rerun's plan has nothing left to do."""
+    tmp, spec, _, _, planned = run
+    tasks = pd.read_parquet(tmp / "out" / "tasks.parquet")
+    done = tasks[(tasks.command == "run") & (tasks.status == "computed")]
+    todo = [t for t in planned if t["status"] == "todo"]
+    assert sorted(t["name"] for t in todo) == sorted(done["name"]) and len(todo) == len(done)
+    assert {t["name"]: t["kind"] for t in todo} == dict(zip(done["name"], done["kind"], strict=True))
+    assert {t["kind"] for t in todo} == {"train_zoo", "extract", "source_stats", "fit", "head", "cka"}
+    order = [t["name"] for t in planned]
+    assert all(order.index(d) < order.index(t["name"]) for t in planned for d in t["deps"])
+    assert (done["seconds"] > 0).all() and set(done["node"]) <= {"127.0.0.1", "tune"}
+    again = CliRunner().invoke(main, ["plan", str(tmp / "fr.yaml"), "--json"])
+    assert [t["status"] for t in json.loads(again.output)] == ["cached"] * len(json.loads(again.output))
 
 
 def test_mlp_map_searched_with_tune(run):
@@ -157,7 +178,7 @@ def test_head_analysis_in_models_table(run):
 def test_seed_table_in_report(run):
     from featrec_grid.publish import seed_table
 
-    tmp, spec, outcome, _ = run
+    tmp, spec, outcome, *_ = run
     table = seed_table(spec, outcome.results)
     r = outcome.results.set_index(["setting", "mode", "method", "source", "target"])
     assert table.loc[0, "seed"] == 0.99

@@ -209,7 +209,7 @@ def test_interrupt_midway_then_resume(grid, how, epochs):
 
 
 def test_local_ray_binds_loopback(tmp_path):
-    code = ("import ray; from featrec_grid.grid import connect; connect(None, 1); "
+    code = ("import ray; from featrec_grid.runtime import connect; connect(None, 1); "
             "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -6,9 +6,9 @@ import pytest
 from browser import open_page
 from click.testing import CliRunner
 
-from featrec_grid import grid
+from featrec_grid import runtime
 from featrec_grid.cli import main
-from featrec_grid.errors import UserError
+from featrec_grid.errors import UserError, first_line
 from featrec_grid.invert.spec_run import run_stage_job
 
 pytestmark = pytest.mark.slow
@@ -44,11 +44,11 @@ def test_invert_command_writes_table_images_and_report(tmp_path, store, ray_sess
     out = tmp_path / "out"
     spec.write_text(SPEC.format(store=store, out=out))
     connected = []
-    real_connect = grid.connect
-    monkeypatch.setattr(grid, "connect", lambda *a: connected.append(real_connect(*a)) or connected[-1])
+    real_connect = runtime.connect
+    monkeypatch.setattr(runtime, "connect", lambda *a: connected.append(real_connect(*a)) or connected[-1])
     result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert connected == [False] and ray_session.is_initialized()  # map_tasks joined the session's Ray, left it up
+    assert connected == [False] and ray_session.is_initialized()  # the runtime joined the session's Ray, left it up
     assert f"report: {out / 'index.html'}" in result.output
     table = pd.read_parquet(out / "inversion.parquet")
     for col in ["model", "method", "seed", "target_prob", "heldout_prob", "retrieval_top1", "chance", "ssim", "psnr"]:
@@ -90,23 +90,32 @@ def test_invert_command_writes_table_images_and_report(tmp_path, store, ray_sess
 
 def test_invert_failed_tasks_keep_the_others(tmp_path, store, monkeypatch):
     """A task that fails does not lose the others: they are written and published, each failure is printed,
-    exit 1 (2 when a failure is a UserError). Tasks run in-process here (map_tasks replaced) to inject faults."""
+    exit 1 (2 when a failure is a UserError). Tasks run in-process here (runtime.execute replaced) to inject faults."""
     spec = tmp_path / "inv.yaml"
     out = tmp_path / "out"
     spec.write_text(SPEC.format(store=store, out=out))
     errors = {"match mlp": RuntimeError("worker died")}
 
-    def fake_map_tasks(fn, calls, **kwargs):
-        assert fn is run_stage_job and list(calls)[:2] == ["decoder mlp", "decoder cnn"]  # long tasks first
-        for name, args in calls.items():
-            if name in errors:
-                yield name, None, errors[name]
-            elif name.startswith("class"):
-                yield name, fn(*args), None
+    def fake_execute(graph, **kwargs):
+        stages = graph.of_kind("invert")
+        assert [t.name for t in stages][:2] == ["decoder mlp", "decoder cnn"]  # long tasks first
+        assert {t.fn for t in stages} == {"featrec_grid.invert.spec_run:run_stage_job"}
+        run = runtime.Execution()
+        for t in graph.tasks.values():
+            if t.kind != "invert":
+                run.records[t.name] = runtime.TaskRecord(t.name, t.kind, "reused")
+            elif t.name.startswith("class") and t.name not in errors:
+                run.values[t.name] = run_stage_job(*t.args)
+                run.records[t.name] = runtime.TaskRecord(t.name, t.kind, "computed")
             else:
-                yield name, None, RuntimeError(f"skipped {name}")
+                err = errors.get(t.name, RuntimeError(f"skipped {t.name}"))
+                run.failures[t.name] = first_line(err)
+                run.records[t.name] = runtime.TaskRecord(t.name, t.kind, "failed", error=first_line(err))
+                if isinstance(err, UserError) and run.user_error is None:
+                    run.user_error, run.user_error_task = str(err), t.name
+        return run
 
-    monkeypatch.setattr(grid, "map_tasks", fake_map_tasks)
+    monkeypatch.setattr(runtime, "execute", fake_execute)
     result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
     assert result.exit_code == 1, result.output
     assert "failed: match mlp: RuntimeError: worker died" in result.output

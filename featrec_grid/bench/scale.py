@@ -4,7 +4,7 @@
     written batch by batch, then fitted through the real path (pairs.source_stats + fit_pair "ridge",
     streaming the shards) in a fresh process whose peak resident memory is the figure: bound 2 GB.
 (b) An N x N grid of synthetic models: the same task bodies called in-process one after another and as
-    Ray tasks (grid.py's wrappers), and how time grows with N: writing ~N, source statistics ~N, fits ~N^2.
+    Ray tasks (plan.ridge_tasks run by the runtime), and how time grows with N: writing ~N, source statistics ~N, fits ~N^2.
 """
 
 from __future__ import annotations
@@ -280,22 +280,24 @@ def _sequential(store: Store, keys: list[str], threads: int) -> dict[str, float]
 
 
 def _through_ray(store: Store, keys: list[str]) -> dict[str, float]:
-    """The same bodies as Ray tasks with grid.py's wrappers; fits depend on their source's statistics."""
-    import ray
-
-    from ..grid import _fit, _source_stats
+    """The same bodies as the grid's plan.ridge_tasks graph, executed by the runtime; fits after their source's
+    statistics."""
+    from .. import runtime
+    from ..plan import Graph, ridge_tasks
     from ..spec import FitSpec
 
     fit = FitSpec()
-    stats_task = ray.remote(_source_stats).options(num_cpus=1)
-    fit_task = ray.remote(_fit).options(num_cpus=1)
+    graph = Graph()
+    for s in keys:
+        for t in keys:
+            ridge_tasks(graph, store, s, t, TRAIN, TEST, fit, name=f"fit {s} -> {t}", deps=[])
     t0 = time.perf_counter()
-    stats = {s: stats_task.remote(store, s, TRAIN, fit) for s in keys}
-    fits = [fit_task.remote(store, s, t, TRAIN, TEST, fit, "ridge", stats[s]) for s in keys for t in keys]
-    rows = ray.get(fits)
+    run = runtime.execute(graph, progress=False)
     seconds = time.perf_counter() - t0
-    body = sum(s.seconds for s in ray.get(list(stats.values()))) + sum(r["seconds"] for r in rows)
-    return {"seconds": seconds, "task_body_seconds": body, "tasks": len(keys) + len(fits)}
+    if run.failures:
+        raise RuntimeError(f"bench scale: {len(run.failures)} tasks failed, e.g. {next(iter(run.failures.items()))}")
+    body = sum(r.seconds for r in run.records.values())
+    return {"seconds": seconds, "task_body_seconds": body, "tasks": len(graph.tasks)}
 
 
 def grid_scaling(
@@ -309,9 +311,7 @@ def grid_scaling(
     threads: int = 1,
 ) -> dict[str, Any]:
     """(b): write `models` synthetic classifiers, then fit N x N grids for N = 4, 8, ... up to `models`."""
-    import ray
-
-    from ..grid import connect
+    from .. import runtime
 
     sizes = sorted({n for n in (4, 8, 16, 32, 64) if n < models} | {models})
     root = tempfile.mkdtemp(prefix="featrec-scale-grid-")
@@ -326,15 +326,11 @@ def grid_scaling(
             write_seconds.append(time.perf_counter() - t0)
         sequential = {n: _sequential(store, keys[:n], threads) for n in sizes}
         t0 = time.perf_counter()
-        started = connect(None, num_cpus)
-        ray_start = time.perf_counter() - t0
-        try:
-            cpus = int(ray.cluster_resources().get("CPU", 0))
+        with runtime.session(None, num_cpus):
+            ray_start = time.perf_counter() - t0
+            cpus = int(runtime.cluster_limits()[0])
             cold = _through_ray(store, keys[: sizes[0]])  # fresh workers import the package: timed apart
             on_ray = {n: _through_ray(store, keys[:n]) for n in sizes}
-        finally:
-            if started:
-                ray.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     table = []
@@ -430,7 +426,7 @@ def format_scale_bench(r: dict[str, Any]) -> str:
     lines += [
         f"(b) N x N grids of synthetic classifiers: {g['rows']:,} train / {g['test_rows']:,} test rows, "
         f"C={g['classes']}, D={g['dim']}; in-process: {g['blas_threads_in_process']} BLAS thread(s), "
-        f"one task after another; Ray: {g['ray_cpus']} CPUs, grid.py's task wrappers",
+        f"one task after another; Ray: {g['ray_cpus']} CPUs, the grid's plan run by the runtime",
         f"  Ray start {g['ray_start_seconds']:.1f} s and a cold first {cold['models']} x {cold['models']} "
         f"grid {cold['seconds']:.2f} s (workers importing the package) are not counted below",
         "   N  pairs  write s  stats s  ms/source  fits s  ms/pair  in-process s   Ray s  Ray/in-process  "

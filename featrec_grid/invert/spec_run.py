@@ -1,5 +1,5 @@
-"""`featrec-grid invert SPEC`: the spec's models and data -> one task per inversion stage (plan.plan_invert, run by
-the runtime) -> inversion.parquet, inversion_cross.parquet + PNGs, written by the driver alone.
+"""The task bodies of `featrec-grid invert SPEC`: the spec's models and data -> one StageJob per inversion stage
+(plan.plan_invert makes them tasks, grid.run_invert runs them) -> rows and images the driver writes.
 
 Task bodies (`run_stage_job`) load their classifiers from the spec's store and their images from the spec's data
 themselves, run on "cuda" when the task was given a GPU, and return rows and CPU image tensors: a worker's disk is
@@ -8,19 +8,18 @@ not the driver's, so tasks never write to the output folder.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import UserError
 from ..refs import DataRef, ModelRef
-from ..spec import GridSpec
 from .experiments import Outcome
+
+if TYPE_CHECKING:
+    from ..spec import GridSpec
 from .run import (
     InversionConfig,
     check_images,
@@ -29,7 +28,6 @@ from .run import (
     stage_models,
     stage_name,
     torch_threads,
-    write_outcome,
 )
 
 
@@ -101,24 +99,6 @@ def run_stage_job(job: StageJob, device: str | None = None) -> Outcome:
         return run_stage(job.stage, job.arg, classifiers, job.heldout, train_x, test_x, test_y, cfg, device)
 
 
-@dataclass
-class InversionOutcome:
-    """What `featrec-grid invert` computed: the tables and images of the tasks that finished, and the failures
-    (task name -> one line); user_error holds the first task failure a user can fix."""
-
-    table: pd.DataFrame
-    cross: pd.DataFrame
-    images: list[tuple[str, str]]
-    failures: dict[str, str] = field(default_factory=dict)
-    user_error: str | None = None
-    tasks: int = 0
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return 2 if self.user_error else 1 if self.failures else 0
-
-
 @dataclass(frozen=True)
 class _Labels:
     """What stage planning needs of a classifier: its key and class count (nothing is loaded or trained)."""
@@ -135,13 +115,11 @@ def class_count(ref: ModelRef) -> int:
     return NUM_CLASSES if ref.source == "zoo" else load_classifier(ref).num_classes
 
 
-def stage_jobs(spec: GridSpec) -> dict[str, StageJob]:
-    """Every inversion stage of the spec's used models as a StageJob by task name, in report order. The models must
-    share one label space."""
-    from ..plan import used_models
-
+def stage_jobs(spec: GridSpec, keys: list[str]) -> dict[str, StageJob]:
+    """Every inversion stage of models `keys` as a StageJob by task name, in report order. The models must share one
+    label space."""
     config = InversionConfig.from_dict(spec.inversion)
-    labels = {k: _Labels(k, class_count(spec.models[k])) for k in used_models(spec)}
+    labels = {k: _Labels(k, class_count(spec.models[k])) for k in keys}
     if len({c.num_classes for c in labels.values()}) > 1:
         raise UserError(f"{spec.path}: models: inversion compares models on one label space; got class counts "
                         f"{ {k: c.num_classes for k, c in labels.items()} }")  # fmt: skip
@@ -154,28 +132,3 @@ def stage_jobs(spec: GridSpec) -> dict[str, StageJob]:
             spec.train if stage == "decoder" else None, spec.test if stage in ("match", "decoder") else None, config,
         )  # fmt: skip
     return jobs
-
-
-def run_invert_spec(
-    spec: GridSpec, output: Path, progress: bool = True, address: str | None = None
-) -> InversionOutcome:
-    """Run every inversion stage of the spec as a task of plan.plan_invert (zoo models trained first, as tasks of
-    the same graph), joining `address`, or the running Ray, or a fresh single-node one; then write the PNG grids
-    under `output`. A failed task is reported and the others' results are kept. Returns the tables for
-    reduce.save_inversion."""
-    from .. import reduce, runtime
-    from ..plan import plan_invert
-
-    t0 = time.perf_counter()
-    graph = plan_invert(spec)
-    with runtime.session(address, spec.resources.num_cpus):
-        run = runtime.execute(graph, progress=progress, desc="inversion")
-    reduce.save_tasks(output, "invert", run.table())
-    merged = Outcome()
-    stages = graph.of_kind("invert")
-    for task in stages:  # report order, whatever order the tasks ended in
-        if task.name in run.values and task.name not in run.failures:
-            merged.add(run.values[task.name])
-    table, images, cross = write_outcome(merged, Path(output))
-    user_error = f"{run.user_error_task}: {run.user_error}" if run.user_error else None
-    return InversionOutcome(table, cross, images, run.failures, user_error, len(stages), time.perf_counter() - t0)
