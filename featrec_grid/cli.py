@@ -179,11 +179,22 @@ def _emit(result: dict, as_json: bool, formatter) -> None:
     click.echo(json.dumps(result, indent=1, default=str) if as_json else formatter(result))
 
 
+def _device(value: str | None) -> str | None:
+    """A torch device name a benchmark may use: cpu, cuda or cuda:N."""
+    import re
+
+    if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not a device here; use cpu, cuda or cuda:N")
+    return value
+
+
 @bench.command("fit")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--store", default="store", show_default=True, help="Store holding the demo shards (run the demo first).")
-@click.option("--rows", default=50_000, show_default=True, help="Rows of the synthetic CIFAR-100-sized case.")
-@click.option("--epochs", default=100, show_default=True, help="Epochs of the seed's SGD recipe.")
+@click.option("--rows", default=50_000, type=click.IntRange(min=16), show_default=True,
+              help="Rows of the synthetic CIFAR-100-sized case.")
+@click.option("--epochs", default=100, type=click.IntRange(min=1), show_default=True,
+              help="Epochs of the seed's SGD recipe.")
 def bench_fit(as_json: bool, store: str, rows: int, epochs: int) -> None:
     """Closed-form ridge vs the seed's SGD recipe: per pair (demo shards, synthetic 50k x 1000 -> 512) and per grid."""
     from .bench.fit import format_fit_bench, run_fit_bench
@@ -197,7 +208,8 @@ def bench_fit(as_json: bool, store: str, rows: int, epochs: int) -> None:
               help="Images/s of a torchvision model on random images: extraction path vs bare forward (GPU mode).")
 @click.option("--arch", help="[--throughput] torchvision architecture, random weights.  [default: resnet50]")
 @click.option("--size", type=click.IntRange(min=1), help="[--throughput] image side in pixels.  [default: 224]")
-@click.option("--device", help="[--throughput] cuda, cuda:N or cpu.  [default: cuda if available, else cpu]")
+@click.option("--device", callback=lambda ctx, param, v: _device(v),
+              help="[--throughput] cuda, cuda:N or cpu.  [default: cuda if available, else cpu]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]),
               help="[--throughput] fp32, or bf16 autocast.  [default: fp32]")
 @click.option("--images", type=click.IntRange(min=1),
@@ -252,8 +264,10 @@ def bench_cka(as_json: bool) -> None:
 
 @bench.command("scale")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.option("--rows", default=1_000_000, show_default=True, help="Rows of the big synthetic pair.")
-@click.option("--models", default=16, show_default=True, help="Models of the synthetic grid (N^2 pairs).")
+@click.option("--rows", default=1_000_000, type=click.IntRange(min=1000), show_default=True,
+              help="Rows of the big synthetic pair.")
+@click.option("--models", default=16, type=click.IntRange(min=1, max=256), show_default=True,
+              help="Models of the synthetic grid (N^2 pairs).")
 def bench_scale(as_json: bool, rows: int, models: int) -> None:
     """Memory-bounded fit of a 1M x 1000 -> 2048 pair from shards (peak RSS), and how a synthetic grid grows with N."""
     from .bench.scale import format_scale_bench, run_scale_bench

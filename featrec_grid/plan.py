@@ -188,6 +188,10 @@ def check_inputs(spec: GridSpec) -> None:
     for data in dict.fromkeys(d for st in spec.settings for d in (st.train, st.test)):
         if not data.options.get("download"):
             load_dataset(data)
+    for name, location in (("store", spec.store), ("output", spec.output)):
+        path = Path(location)
+        if "://" not in location and (path.is_file() or any(p.is_file() for p in path.parents)):
+            raise UserError(f"{spec.path}: {name}: {location!r} is (inside) a file, not a folder; give a folder path")
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces

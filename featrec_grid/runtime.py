@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,10 @@ def _reachable(address: str, timeout: float) -> bool:
 def connect(address: str | None, num_cpus: int | None) -> bool:
     """Join `address`, or start a fresh single-node Ray in-process bound to loopback. True if we started it (the
     caller then shuts it down); False when this process already has a Ray."""
+    cpus = os.cpu_count() or 1
+    if not address and num_cpus and num_cpus > cpus:
+        raise UserError(f"resources.num_cpus: {num_cpus} is more than the {cpus} CPUs of this machine; a local run "
+                        f"can use 1 to {cpus} (use --address to run on a cluster)")  # fmt: skip
     ray = _ray()
     if ray.is_initialized():
         return False
@@ -103,8 +107,7 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"--address {address}: cannot join a Ray cluster there ({first_line(err)})") from None
         return True
-    cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=min(num_cpus or cpus, cpus), _node_ip_address="127.0.0.1", **kwargs)
+    ray.init(address="local", num_cpus=num_cpus or cpus, _node_ip_address="127.0.0.1", **kwargs)
     return True
 
 
@@ -170,7 +173,8 @@ def execute(
     desc: str = "tasks",
 ) -> Execution:
     """Run every to-do task of `graph` on the connected Ray (see session), in dependency order, and return what
-    happened. Cached tasks count as reused and their stored value is what dependants receive."""
+    happened. Cached tasks count as reused and their stored value is what dependants receive. The result of a task
+    that other tasks take as an argument stays in Ray's object store (its value in the Execution is None)."""
     ray = _ray()
     from tqdm import tqdm
 
@@ -270,6 +274,8 @@ def execute(
                 seconds, node = ray.get([done[0], node_ref])
                 value = None if t.name in as_ref else ray.get(value_ref)
             except ray.exceptions.RayError as err:
+                with suppress(ray.exceptions.RayError):
+                    ray.get(value_ref)  # the error is handled here: Ray need not log it as unhandled
                 fail(t, _cause(err))
             else:
                 if t.name in as_ref:

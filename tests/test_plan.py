@@ -258,3 +258,14 @@ def test_every_bundled_spec_matches_the_json_schema():
     schema = json_schema()
     for path in sorted(glob.glob("grid_specs/**/*.yaml", recursive=True)):
         jsonschema.validate(yaml.safe_load(open(path)), schema)
+
+
+def test_readme_spec_reference_is_the_generated_one():
+    import re
+    from pathlib import Path
+
+    from featrec_grid.spec_schema import markdown_reference
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    found = re.search(r"<!-- spec-reference:start -->\n(.*)\n<!-- spec-reference:end -->", text, re.S)
+    assert found and found.group(1) == markdown_reference(), "rerun: featrec-grid schema --markdown"
