@@ -279,8 +279,8 @@ def pair_heatmap(selected: Sequence[Selection], metric: str, order: Sequence[str
                 best = np.nanmin(np.where(np.isnan(values), np.inf, values), axis=0)
                 shown = values / np.where(np.isfinite(best) & (best > 0), best, np.nan)
             key = "mse_ratio"
-            hover = [[f"{h}<br>{METRICS['mse_ratio'][0]}: {fmt('mse_ratio', shown[i, j])}" for j, h in enumerate(row)]
-                     for i, row in enumerate(hover)]  # fmt: skip
+            hover = [[h if np.isnan(shown[i, j]) else f"{h}<br>{METRICS['mse_ratio'][0]}: {fmt('mse_ratio', shown[i, j])}"
+                      for j, h in enumerate(row)] for i, row in enumerate(hover)]  # fmt: skip
         texts.append([[fmt(key, v) if not np.isnan(v) else "" for v in row] for row in shown])
         marks = overlap_marks(values, lo, hi, HIGHER_IS_BETTER[metric])
         panels.append(Matrix(shown, hover, {"sel": sel.fields}, sel.label, marks))
