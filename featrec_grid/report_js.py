@@ -11,7 +11,7 @@ nav .selector{margin-left:auto;color:#dfe6f0;font-size:.9rem}
 nav select,.controls select{font-size:.9rem;padding:.15rem .3rem;max-width:32rem}
 main{padding:0 1.5rem 3rem;max-width:none}
 h1{margin:1.1rem 0 .2rem}.summary{color:#5a6475;margin-top:0}
-section{margin-top:1.8rem}h2{border-bottom:1px solid #d8dde6;padding-bottom:.3rem}
+section{margin-top:1.8rem;scroll-margin-top:5rem}h2{border-bottom:1px solid #d8dde6;padding-bottom:.3rem}
 h3{margin:.6rem 0 .3rem;font-size:1.02rem}
 .headline{background:#fff;border:1px solid #e3e7ee;border-left:4px solid #21918c;border-radius:6px;padding:.5rem 1rem;
   margin:.6rem 0}
@@ -21,6 +21,7 @@ h3{margin:.6rem 0 .3rem;font-size:1.02rem}
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:.75rem;align-items:start}
 .controls{display:flex;flex-wrap:wrap;gap:.4rem 1.2rem;align-items:center;margin:.4rem 0}
 .note{color:#3d4656;max-width:75rem}
+#diff-figure{max-width:820px}
 #drilldown{background:#fff;border:1px solid #e3e7ee;border-radius:6px;padding:.6rem 1rem;margin:.75rem 0}
 #drilldown .empty{color:#5a6475}
 .drill-plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:.5rem}
@@ -227,14 +228,19 @@ JS = r"""
     var r = flat.length ? Math.max.apply(null, flat) : 1;
     var base = document.getElementById("figure-0");
     var lay = JSON.parse(JSON.stringify(base ? base.layout : {}));
-    lay.title = {text: "<b>" + m.name + ": " + escapeHtml(D.labels[x]) + " − " + escapeHtml(D.labels[y]) + "</b>",
-                 x: 0.01, xanchor: "left", y: 0.99, yanchor: "top"};
+    lay.title = {text: "<b>" + m.name + ": X − Y</b><br><span style='font-size:12px'>X = " + escapeHtml(D.labels[x]) +
+                 "<br>Y = " + escapeHtml(D.labels[y]) + "</span>", x: 0.01, xanchor: "left", yref: "container", y: 1,
+                 yanchor: "top", pad: {t: 12}};
+    lay.height = Math.max(lay.height || 0, 380 + 34 * n);
+    delete lay.width; lay.autosize = true;
+    ["xaxis", "yaxis"].forEach(function (a) { if (lay[a]) { delete lay[a].domain; } });
+    lay.margin = Object.assign({}, lay.margin || {}, {t: 96});
     lay.shapes = (base && base.layout.shapes) || [];
     var traces = [{type: "heatmap", z: z, x: order.map(function (_, k) { return k; }), y: order.map(function (_, k) { return k; }),
       text: text, texttemplate: n <= 12 ? "%{text}" : undefined, customdata: hover, colorscale: "RdBu", zmid: 0,
       zmin: -r, zmax: r, hoverongaps: false, textfont: {size: n <= 6 ? 11 : 9},
       hovertemplate: "source A: %{customdata[0]}<br>target B: %{customdata[1]}<br>%{customdata[2]}<extra></extra>",
-      colorbar: {title: {text: "difference", side: "right"}, thickness: 14}},
+      colorbar: {title: {text: "difference", side: "right"}, thickness: 14, tickformat: m.format.replace(".1%", ".2%")}},
       {type: "scatter", mode: "markers", x: mx, y: my, hoverinfo: "skip", showlegend: false,
        marker: {symbol: "circle", size: 6, color: "#1d2330", line: {color: "white", width: 1}}}];
     Plotly.react(gd, traces, lay, config);

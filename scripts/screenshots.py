@@ -35,6 +35,7 @@ def screenshots(page_path: Path, out: Path, width: int = 1400, cell: tuple[int, 
                               f"featrecReport.data.order[{cell[1]}])")  # fmt: skip
                 page.wait_for_timeout(500)
             page.evaluate("document.querySelectorAll('details').forEach(d => d.open = false)")
+            page.add_style_tag(content="nav{position:static}")  # a sticky bar would cover each section's top
             for ident in page.eval_on_selector_all("section[id]", "els => els.map(e => e.id)"):
                 path = out / f"{ident}.png"
                 page.locator(f"section#{ident}").screenshot(path=str(path))
