@@ -170,6 +170,17 @@ def cka(spec: str, output: str | None, address: str | None, progress: bool) -> N
     sys.exit(outcome.exit_code)
 
 
+@main.command()
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False),
+              help="The spec the folder was made with (default: OUTPUT/spec.resolved.yaml).")
+def report(output: str, spec_path: str | None) -> None:
+    """Rebuild OUTPUT/index.html from what the output folder holds, without Ray and without recomputing."""
+    from .publish import rebuild_report
+
+    click.echo(f"report: {rebuild_report(output, spec_path)}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: the project against its named baseline in one process, printed as ratios."""

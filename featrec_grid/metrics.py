@@ -7,6 +7,10 @@ f: real features [n, D]; f_hat: reconstruction [n, D]; W [C, D], b [C]: the targ
 - agreement: fraction of rows where argmax(W f^ + b) == argmax(W f + b).
 - accuracy_real / accuracy_recon: the head's top-1 accuracy against the labels on f and on f^.
 - cosine: mean over rows of cos(f, f^).
+
+Bootstrap intervals resample test rows: resample r draws the rows `default_rng(seed).integers(0, n, (R, n))[r]`,
+so every pair evaluated on the same n rows gets the same resamples and differences between pairs get intervals too.
+Replicates come from per-row errors and hits (no refit); R2 re-estimates the feature mean in every resample.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SEED_BATCH = 256
+CI_LEVEL = 0.95
+RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+INTERVAL_METRICS = ("agreement", "r2", "mse", "cosine", "accuracy_real", "accuracy_recon")
 
 
 def mse(f: np.ndarray, f_hat: np.ndarray) -> float:
@@ -48,9 +56,33 @@ def cosine(f: np.ndarray, f_hat: np.ndarray) -> float:
     return float(np.mean(np.divide(num, den, out=np.zeros_like(num), where=den > 0)))
 
 
+def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """[resamples, n] int32: how often row i is drawn in resample r (see the module docstring for the draws)."""
+    if n < 1 or resamples < 1:
+        raise ValueError(f"bootstrap needs rows and resamples, got n={n}, resamples={resamples}")
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    flat = (draws + n * np.arange(resamples)[:, None]).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.int32)
+
+
+def percentile_interval(replicates: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    """The percentile bootstrap interval (lo, hi) of `level` from replicate values (NaNs ignored)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"interval level must lie strictly between 0 and 1, got {level}")
+    values = np.asarray(replicates, np.float64)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo), float(hi)
+
+
 @dataclass
 class PairMetrics:
-    """Accumulates every metric above over batches in data order; `result()` equals the array functions."""
+    """Accumulates every metric above over batches in data order; `result()` equals the array functions.
+
+    With `counts` (resample_counts of the total rows) it also accumulates every resample's sums, so `replicates()`
+    gives each metric per resample in one pass over the data."""
 
     head_weight: np.ndarray
     head_bias: np.ndarray
@@ -66,9 +98,13 @@ class PairMetrics:
     correct_real: int = 0
     correct_recon: int = 0
     cos_sum: float = 0.0
+    counts: np.ndarray | None = None
     dims: int = field(init=False, default=0)
+    boot: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    shift: np.ndarray | None = field(init=False, default=None)
 
-    def update(self, f: np.ndarray, f_hat: np.ndarray, labels: np.ndarray | None = None) -> None:
+    def update(self, f: np.ndarray, f_hat: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Add a batch of rows; returns the head's top-1 on the real and on the reconstructed features."""
         f = np.asarray(f, np.float64)
         f_hat = np.asarray(f_hat, np.float64)
         err = ((f - f_hat) ** 2).sum(axis=1)
@@ -87,7 +123,53 @@ class PairMetrics:
             self.correct_recon += int((pred_recon == labels).sum())
         num = np.einsum("ij,ij->i", f, f_hat)
         den = np.linalg.norm(f, axis=1) * np.linalg.norm(f_hat, axis=1)
-        self.cos_sum += float(np.divide(num, den, out=np.zeros_like(num), where=den > 0).sum())
+        cos = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        self.cos_sum += float(cos.sum())
+        if self.counts is not None:
+            per_row = {"sq_err": err, "agree": pred_real == pred_recon, "cos": cos}
+            if self.with_labels and labels is not None:
+                per_row |= {"real": pred_real == labels, "recon": pred_recon == labels}
+            self._resample_sums(f, per_row)
+        return pred_real, pred_recon
+
+    def _resample_sums(self, f: np.ndarray, per_row: dict[str, np.ndarray]) -> None:
+        """Add this batch's rows, weighted by how often each resample drew them, to every resample's sums."""
+        start = self.n - len(f)
+        if start + len(f) > self.counts.shape[1]:
+            raise ValueError(f"more rows than the {self.counts.shape[1]} the resample counts were drawn for")
+        w = self.counts[:, start : start + len(f)].astype(np.float64)
+        if self.shift is None:
+            self.shift = f.mean(axis=0)  # R2's sums of squares about a shift: exact for any shift, stable near the mean
+        fc = f - self.shift
+        sums = {k: w @ v.astype(np.float64) for k, v in per_row.items()}
+        sums |= {"f": w @ fc, "ff": w @ np.einsum("ij,ij->i", fc, fc)}
+        for k, v in sums.items():
+            self.boot[k] = v if k not in self.boot else self.boot[k] + v
+
+    def replicates(self) -> dict[str, np.ndarray]:
+        """Every INTERVAL_METRICS entry per resample (accuracies only with labels); needs `counts`."""
+        if self.counts is None or not self.boot:
+            raise ValueError("no resample counts were given, or no rows were evaluated")
+        if self.n != self.counts.shape[1]:
+            raise ValueError(f"{self.n} rows were evaluated, the resample counts were drawn for {self.counts.shape[1]}")
+        b, n = self.boot, self.n
+        ss_tot = b["ff"] - np.einsum("ij,ij->i", b["f"], b["f"]) / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r2_values = np.where(ss_tot > 0, 1.0 - b["sq_err"] / ss_tot, np.nan)
+        out = {"agreement": b["agree"] / n, "r2": r2_values, "mse": b["sq_err"] / (n * self.dims), "cosine": b["cos"] / n}
+        if "real" in b:
+            out |= {"accuracy_real": b["real"] / n, "accuracy_recon": b["recon"] / n}
+        return out
+
+    def intervals(self, level: float = CI_LEVEL) -> dict[str, float | None]:
+        """`<metric>_lo` and `<metric>_hi` of the percentile bootstrap interval of every INTERVAL_METRICS entry
+        (None for the accuracies without labels, as in `result()`)."""
+        replicates = self.replicates()
+        out: dict[str, float | None] = {}
+        for metric in INTERVAL_METRICS:
+            lo_hi = percentile_interval(replicates[metric], level) if metric in replicates else (None, None)
+            out[f"{metric}_lo"], out[f"{metric}_hi"] = lo_hi
+        return out
 
     def _seed_batches(self, row_err: np.ndarray) -> None:
         """Re-chunk row errors into the seed's 256-row batches, carrying a partial batch across updates."""

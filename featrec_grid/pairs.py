@@ -5,15 +5,16 @@ No Ray here: grid.py wraps these functions as tasks, and a unit test calls them 
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .linmap import DualSolver, LinearMap, Moments, RidgeSolver, fit_sgd, select_alpha, select_alpha_dual
-from .metrics import PairMetrics
+from .metrics import BOOTSTRAP_SEED, CI_LEVEL, RESAMPLES, PairMetrics, resample_counts
 from .refs import DataRef
 from .spec import FitSpec
 from .store import Store
@@ -201,18 +202,138 @@ def _fit_mlp(
     return fit_mlp(src["logits"], f["features"], val, config_from({**fixed, **config}), report, device=device)
 
 
-def evaluate(store: Store, source: str, target: str, test: DataRef, linmap: LinearMap) -> dict[str, Any]:
-    """Every metric of `linmap` on the test split, streamed; labels used where the target's head shares them."""
+DIFF_METRICS = ("agreement", "r2", "mse")  # whose replicates a pair keeps, for intervals of differences in the report
+
+
+@dataclass
+class PairDetail:
+    """What the report's drill-down panel shows for one pair, accumulated batch by batch and kept small (capped):
+    agreement per class of B's real prediction, per-dimension R2, real and reconstructed features of the first
+    `points` test rows (for their first principal components), and the first test rows where B's head disagrees."""
+
+    classes: int
+    points: int = 150
+    max_disagree: int = 12
+    max_classes: int = 20
+    n: int = 0
+    per_class: np.ndarray = field(init=False)
+    agree_class: np.ndarray = field(init=False)
+    sq_dim: np.ndarray | None = None
+    sum_dim: np.ndarray | None = None
+    sumsq_dim: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    kept: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    disagree: list[dict[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.per_class = np.zeros(self.classes, np.int64)
+        self.agree_class = np.zeros(self.classes, np.int64)
+
+    def update(self, f: np.ndarray, f_hat: np.ndarray, real: np.ndarray, recon: np.ndarray, index: np.ndarray,
+               labels: np.ndarray) -> None:  # fmt: skip
+        f, f_hat = np.asarray(f, np.float64), np.asarray(f_hat, np.float64)
+        if self.shift is None:
+            self.shift = f.mean(axis=0)
+            self.sq_dim, self.sum_dim, self.sumsq_dim = (np.zeros(f.shape[1]) for _ in range(3))
+        fc = f - self.shift
+        self.sq_dim += ((f - f_hat) ** 2).sum(axis=0)
+        self.sum_dim += fc.sum(axis=0)
+        self.sumsq_dim += (fc**2).sum(axis=0)
+        self.n += len(f)
+        self.per_class += np.bincount(real, minlength=self.classes)
+        self.agree_class += np.bincount(real[real == recon], minlength=self.classes)
+        room = self.points - sum(len(a) for a, _ in self.kept)
+        if room > 0:
+            self.kept.append((f[:room], f_hat[:room]))
+        for i in np.flatnonzero(real != recon)[: max(0, self.max_disagree - len(self.disagree))]:
+            self.disagree.append({"row": int(index[i]), "real": int(real[i]), "recon": int(recon[i]),
+                                  "label": int(labels[i])})  # fmt: skip
+
+    def result(self) -> dict[str, Any]:
+        """JSON-ready: classes (the most frequent first), sorted per-dimension R2, first-two-PC coordinates."""
+        top = np.argsort(-self.per_class, kind="stable")[: self.max_classes]
+        top = top[self.per_class[top] > 0]
+        ss_dim = self.sumsq_dim - self.sum_dim**2 / self.n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dim_r2 = np.where(ss_dim > 1e-12 * max(float(ss_dim.max()), 1e-300), 1.0 - self.sq_dim / ss_dim, np.nan)
+        dim_r2 = np.sort(dim_r2[~np.isnan(dim_r2)])[::-1]
+        return {
+            "classes": {"class": top.tolist(), "rows": self.per_class[top].tolist(),
+                        "agreement": _rounded(self.agree_class[top] / self.per_class[top])},
+            "dim_r2": {"dims": int(len(dim_r2)), "rank_fraction": _rounded(_quantile_positions(len(dim_r2))),
+                       "r2": _rounded(dim_r2[_quantile_index(len(dim_r2))])},
+            "pca": self._pca(),
+            "disagree": self.disagree,
+        }
+
+    def _pca(self) -> dict[str, Any]:
+        """The kept rows' real and reconstructed features on the first two principal components of the real ones."""
+        if not self.kept:
+            return {}
+        f = np.concatenate([a for a, _ in self.kept])
+        g = np.concatenate([b for _, b in self.kept])
+        mean = f.mean(axis=0)
+        _, sv, vt = np.linalg.svd(f - mean, full_matrices=False)
+        k = min(2, len(sv))
+        share = (sv[:k] ** 2 / max(float((sv**2).sum()), 1e-300)).tolist()
+        return {"rows": len(f), "variance_share": _rounded(share),
+                "real": [_rounded(c) for c in ((f - mean) @ vt[:k].T).T],
+                "recon": [_rounded(c) for c in ((g - mean) @ vt[:k].T).T]}  # fmt: skip
+
+
+def _quantile_index(n: int, points: int = 64) -> np.ndarray:
+    return np.unique(np.round(np.linspace(0, n - 1, min(n, points))).astype(int)) if n else np.zeros(0, int)
+
+
+def _quantile_positions(n: int, points: int = 64) -> np.ndarray:
+    return (_quantile_index(n, points) + 0.5) / max(n, 1)
+
+
+def _rounded(values: Any, digits: int = 4) -> list[float | None]:
+    """Floats to `digits` significant digits (the drill-down shows at most three); NaN -> None."""
+    out = []
+    for v in np.asarray(values, np.float64).ravel():
+        out.append(None if not np.isfinite(v) else float(f"{v:.{digits}g}"))
+    return out
+
+
+def encode_replicates(values: np.ndarray) -> str:
+    """Bootstrap replicates as base64 of little-endian float32: about 5 kB per 1000 resamples."""
+    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode("ascii")
+
+
+def decode_replicates(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), "<f4").astype(np.float64)
+
+
+def evaluate(
+    store: Store, source: str, target: str, test: DataRef, linmap: LinearMap, *, ci: float = CI_LEVEL,
+    resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:  # fmt: skip
+    """Every metric of `linmap` on the test split, streamed; labels used where the target's head shares them.
+    Adds `<metric>_lo`/`_hi` (percentile bootstrap over test rows at level `ci`, `resamples` seeded resamples shared
+    by every pair of this test split) and `detail`: the drill-down data and the replicates of DIFF_METRICS."""
     target_dir = store.split_dir(target, test)
     manifest = store.read_manifest(target_dir)
     w, b = store.read_head(target_dir)
     with_labels = manifest.get("label_space") is not None and manifest.get("label_space") == manifest.get(
         "dataset_label_space"
     )
-    acc = PairMetrics(w, b, with_labels=with_labels)
+    acc = PairMetrics(w, b, with_labels=with_labels, counts=resample_counts(int(manifest["rows"]), resamples, seed))
+    detail = PairDetail(classes=len(b))
     for chunk in aligned(store, store.split_dir(source, test), ["logits"], target_dir, ["features", "label"]):
-        acc.update(chunk["features"], linmap.predict(chunk["logits"].astype(np.float64)), chunk["label"])
-    return {**acc.result(), "test_rows": acc.n}
+        f_hat = linmap.predict(chunk["logits"].astype(np.float64))
+        real, recon = acc.update(chunk["features"], f_hat, chunk["label"])
+        detail.update(chunk["features"], f_hat, real, recon, chunk["index"], chunk["label"])
+    replicates = acc.replicates()
+    return {
+        **acc.result(),
+        "test_rows": acc.n,
+        **acc.intervals(ci),
+        "ci": ci,
+        "resamples": resamples,
+        "detail": {**detail.result(), "replicates": {m: encode_replicates(replicates[m]) for m in DIFF_METRICS}},
+    }
 
 
 def fit_pair(
@@ -226,9 +347,14 @@ def fit_pair(
     stats: SourceStats | None = None,
     mlp_config: dict[str, Any] | None = None,
     report: Callable[[int, float], None] | None = None,
+    *,
+    ci: float = CI_LEVEL,
+    resamples: int = RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
 ) -> dict[str, Any]:
     """Fit one ordered pair with `method` and return its results row (no versions: the reducer adds those).
-    For "mlp", `mlp_config` holds the searched hyperparameters and `report(epoch, val_mse)` sees every epoch."""
+    For "mlp", `mlp_config` holds the searched hyperparameters and `report(epoch, val_mse)` sees every epoch.
+    `ci`, `resamples` and `seed` set the bootstrap intervals (the spec's `report` block)."""
     t0 = time.perf_counter()
     scores: dict[float, float] = {}
     form = None  # "primal" or "dual" for ridge rows
@@ -263,7 +389,7 @@ def fit_pair(
         "alpha_scores": {str(k): v for k, v in scores.items()},
         "ridge_form": form,
         "train_rows": int(train_rows),
-        **evaluate(store, source, target, test, linmap),
+        **evaluate(store, source, target, test, linmap, ci=ci, resamples=resamples, seed=seed),
         "fit_seconds": fit_seconds,
         **extra,
     }

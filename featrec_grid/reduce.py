@@ -16,11 +16,16 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from .metrics import INTERVAL_METRICS
+
 RESULT_COLUMNS = [
     "setting", "mode", "source", "target", "train_dataset", "train_split", "test_dataset", "test_split", "method", "alpha",
     "train_rows", "test_rows", "mse", "mse_total_seed", "r2", "agreement", "cosine", "accuracy_real",
-    "accuracy_recon", "fit_seconds", "seconds",
+    "accuracy_recon", *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("lo", "hi")), "ci", "resamples",
+    "fit_seconds", "seconds",
 ]  # fmt: skip
+PAIR_KEYS = ["setting", "mode", "source", "target", "method"]  # one results row per these
+DETAILS = "pair_details"  # <output>/pair_details.parquet: PAIR_KEYS + `detail` (JSON): drill-down data, replicates
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -86,8 +91,9 @@ def results_frame(rows: Iterable[dict[str, Any]], versions: dict[str, str]) -> p
     df = pd.DataFrame(list(rows))
     if df.empty:
         return pd.DataFrame(columns=[*RESULT_COLUMNS, "versions"])
-    if "alpha_scores" in df:
-        df["alpha_scores"] = df["alpha_scores"].map(lambda s: json.dumps(s or {}))
+    for column in ("alpha_scores", "detail"):
+        if column in df:
+            df[column] = df[column].map(lambda s: json.dumps(s or {}, default=_json_default))
     df["versions"] = json.dumps(versions, sort_keys=True)
     extra = [c for c in df.columns if c not in RESULT_COLUMNS]
     return df[[c for c in RESULT_COLUMNS if c in df.columns] + extra]
@@ -128,7 +134,12 @@ def write_outputs(
         "spec": output / "spec.resolved.yaml",
         "provenance": output / "provenance.json",
     }
-    write_atomic(paths["results"], results.to_parquet(index=False))
+    details = results.get("detail")
+    write_atomic(paths["results"], results.drop(columns=["detail"], errors="ignore").to_parquet(index=False))
+    if details is not None:
+        paths[DETAILS] = output / f"{DETAILS}.parquet"
+        keys = [k for k in PAIR_KEYS if k in results.columns]
+        write_atomic(paths[DETAILS], results[[*keys, "detail"]].to_parquet(index=False))
     write_atomic(paths["models"], models.to_parquet(index=False))
     write_atomic(paths["spec"], yaml.safe_dump(resolved_spec, sort_keys=False).encode())
     write_atomic(paths["provenance"], json.dumps(provenance, indent=1, default=str).encode())
@@ -161,6 +172,22 @@ def read_frame(output: Path, name: str) -> pd.DataFrame | None:
     """A Parquet table a stage wrote under `output`, or None when that stage has not run."""
     path = Path(output) / f"{name}.parquet"
     return pd.read_parquet(path) if path.exists() else None
+
+
+def read_results(output: Path) -> pd.DataFrame | None:
+    """results.parquet with each row's `detail` (a dict; {} where pair_details.parquet has none) joined on PAIR_KEYS."""
+    results = read_frame(output, "results")
+    details = read_frame(output, DETAILS)
+    if results is None:
+        return None
+    if "detail" in results.columns:  # written by a version that kept the details inside results.parquet
+        return results.assign(detail=[json.loads(d) if isinstance(d, str) else {} for d in results["detail"]])
+    if details is None or not len(results):
+        return results.assign(detail=[{} for _ in range(len(results))])
+    keys = [k for k in PAIR_KEYS if k in results.columns and k in details.columns]
+    merged = results.merge(details[[*keys, "detail"]], on=keys, how="left", validate="one_to_one")
+    merged["detail"] = [json.loads(d) if isinstance(d, str) else {} for d in merged["detail"]]
+    return merged
 
 
 def read_json(output: Path, name: str) -> Any:

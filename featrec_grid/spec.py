@@ -225,9 +225,7 @@ class GridSpec:
                     continue
                 seed_view = {"transform": "seed", **({"crop": self.faithful["crop"]} if "crop" in self.faithful else {})}
                 train, test = (DataRef(d.dataset, d.split, {**d.options, **seed_view}) for d in (st.train, st.test))
-                fit = FitSpec(methods=tuple(self.faithful.get("method", ("sgd",))), alphas=self.fit.alphas,
-                              val_fraction=self.fit.val_fraction, sgd=dict(SGD_DEFAULTS), mlp=self.fit.mlp,
-                              self_alpha=self.fit.self_alpha, mlp_pairs=self.fit.mlp_pairs)  # fmt: skip
+                fit = replace(self.fit, methods=tuple(self.faithful.get("method", ("sgd",))), sgd=dict(SGD_DEFAULTS))
                 out.append(Cell(st.label, mode, train, test, fit))
         return out
 

@@ -55,3 +55,44 @@ def test_without_labels_accuracy_is_none():
     acc = M.PairMetrics(w, b, with_labels=False)
     acc.update(f, f_hat)
     assert acc.result()["accuracy_real"] is None
+
+
+@pytest.mark.parametrize("chunks", [[700], [100, 300, 300], [1] * 5 + [695]])
+def test_bootstrap_replicates_equal_metrics_on_resampled_rows(chunks):
+    """Each replicate equals the metric computed directly on that resample's rows (numpy indexing, sklearn's R2),
+    and the interval is numpy's percentile of those values."""
+    f, f_hat, w, b, labels = _case()
+    resamples, seed = 50, 7
+    acc = M.PairMetrics(w, b, counts=M.resample_counts(len(f), resamples, seed))
+    start = 0
+    for size in chunks:
+        acc.update(f[start : start + size], f_hat[start : start + size], labels[start : start + size])
+        start += size
+    got = acc.replicates()
+    draws = np.random.default_rng(seed).integers(0, len(f), size=(resamples, len(f)))
+    for r, rows in enumerate(draws):
+        fr, gr, lr = f[rows], f_hat[rows], labels[rows]
+        real, recon = (fr @ w.T + b).argmax(1), (gr @ w.T + b).argmax(1)
+        cos = np.sum(fr * gr, 1) / np.linalg.norm(fr, axis=1) / np.linalg.norm(gr, axis=1)
+        assert got["agreement"][r] == pytest.approx(np.mean(real == recon), abs=1e-12)
+        assert got["mse"][r] == pytest.approx(np.mean((fr - gr) ** 2), rel=1e-10)
+        assert got["r2"][r] == pytest.approx(r2_score(fr, gr, multioutput="variance_weighted"), rel=1e-9)
+        assert got["cosine"][r] == pytest.approx(np.mean(cos), rel=1e-10)
+        assert got["accuracy_real"][r] == pytest.approx(np.mean(real == lr), abs=1e-12)
+        assert got["accuracy_recon"][r] == pytest.approx(np.mean(recon == lr), abs=1e-12)
+    intervals = acc.intervals(0.9)
+    assert intervals["agreement_lo"] == pytest.approx(np.percentile(got["agreement"], 5))
+    assert intervals["agreement_hi"] == pytest.approx(np.percentile(got["agreement"], 95))
+    assert intervals["r2_lo"] < acc.result()["r2"] < intervals["r2_hi"]
+
+
+def test_bootstrap_resamples_are_shared_and_seeded():
+    a, b = M.resample_counts(30, 20, 3), M.resample_counts(30, 20, 3)
+    assert np.array_equal(a, b) and (a.sum(axis=1) == 30).all()
+    assert not np.array_equal(a, M.resample_counts(30, 20, 4))
+    f, f_hat, w, bias, _ = _case(n=30)
+    acc = M.PairMetrics(w, bias, with_labels=False, counts=M.resample_counts(20, 5))
+    with pytest.raises(ValueError, match="more rows than the 20"):
+        acc.update(f, f_hat)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        M.percentile_interval(np.ones(3), 1.0)

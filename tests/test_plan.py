@@ -257,7 +257,8 @@ def test_every_bundled_spec_matches_the_json_schema():
 
     schema = json_schema()
     for path in sorted(glob.glob("grid_specs/**/*.yaml", recursive=True)):
-        jsonschema.validate(yaml.safe_load(open(path)), schema)
+        with open(path) as fh:
+            jsonschema.validate(yaml.safe_load(fh), schema)
 
 
 def test_readme_spec_reference_is_the_generated_one():

@@ -13,7 +13,9 @@ from browser import inspect_html, open_page, require_chromium
 
 from featrec_grid import report
 from featrec_grid.errors import UserError
-from featrec_grid.report import Section, heatmap_figure, model_order, write_report
+from featrec_grid.figures import fmt, overlap_marks, pair_heatmap, selections
+from featrec_grid.pairs import encode_replicates
+from featrec_grid.report import Section, model_order, write_report
 
 XSS_MODEL = "<script>alert(1)</script>"
 XSS_DATASET = "<img src=x onerror=alert(2)>"
@@ -41,6 +43,22 @@ def make_frames(keys=KEYS, families=FAMILIES, methods=("ridge", "sgd"), test_dat
                     "seconds": float(rng.uniform(0.01, 0.5)),
                 })
     results = pd.DataFrame(rows)
+    spread = np.where(results["source"] == results["target"], 0.0, 0.02)
+    for metric in ("agreement", "r2", "mse"):
+        results[f"{metric}_lo"] = results[metric] - spread
+        results[f"{metric}_hi"] = results[metric] + spread
+    results["ci"] = 0.95
+    details = []
+    for k, row in results.iterrows():  # replicates around the value, from one shared draw (as pairs.evaluate does)
+        noise = np.random.default_rng(k).normal(0, 0.01, 200)
+        details.append({"replicates": {m: encode_replicates(row[m] + noise) for m in ("agreement", "r2", "mse")},
+                        "classes": {"class": [0, 1], "rows": [5, 4], "agreement": [1.0, 0.5]},
+                        "dim_r2": {"dims": 3, "rank_fraction": [0.2, 0.5, 0.8], "r2": [0.9, 0.5, 0.1]},
+                        "pca": {"rows": 2, "variance_share": [0.6, 0.3], "real": [[0, 1], [1, 0]],
+                                "recon": [[0.1, 0.9], [0.9, 0.1]]},
+                        "disagree": [{"row": 7, "real": 1, "recon": 2, "label": 1}]})
+    results["detail"] = details
+    results["alpha_scores"] = [{"0.001": 0.5, "1.0": 0.7}] * len(results)
     for column in ("accuracy_real", "accuracy_recon"):
         results[column] = results[column].astype("Float64")
     results.loc[results.index[-1], "accuracy_recon"] = pd.NA
@@ -115,6 +133,15 @@ def test_model_order_rejects_duplicate_keys():
 
 # ---------------------------------------------------------------- heatmap data
 
+def heatmap_figure(results, metric, order, families=None):
+    common, selected = selections(results)
+    return pair_heatmap(selected, metric, order, families, common)
+
+
+def heat_traces(fig):
+    return [t for t in fig.data if t.type == "heatmap"]
+
+
 @pytest.mark.parametrize("metric", ["agreement", "r2", "mse"])
 def test_heatmap_values_equal_the_results_table(metric):
     keys = [*KEYS, XSS_MODEL]
@@ -124,22 +151,43 @@ def test_heatmap_values_equal_the_results_table(metric):
     order = list(reversed(keys))
     fig = heatmap_figure(results, metric, order)
 
-    assert [t.name for t in fig.data] == ["ridge", "sgd"]
-    assert [t.visible for t in fig.data] == [True, False]
-    assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["ridge", "sgd"]
-    for trace, method in zip(fig.data, ["ridge", "sgd"], strict=True):
-        assert list(trace.x) == list(trace.y) == [k.replace("<", "&lt;").replace(">", "&gt;") for k in order]
-        assert "%{customdata}" in trace.hovertemplate and "%{x}" in trace.hovertemplate
-        assert trace.texttemplate  # values written into the cells for N <= 12
+    traces = heat_traces(fig)
+    assert [t.name for t in traces] == ["ridge", "sgd"]
+    assert [t.visible for t in traces] == [True, False]
+    assert [t.meta["sel"]["method"] for t in traces] == ["ridge", "sgd"]  # the shared selector's fields
+    assert list(fig.layout.xaxis.ticktext) == [k.replace("<", "&lt;").replace(">", "&gt;") for k in order]
+    for trace, method in zip(traces, ["ridge", "sgd"], strict=True):
+        sub = results[results.method == method]
         for i, a in enumerate(order):
             for j, b in enumerate(order):
-                row = results[(results.source == a) & (results.target == b) & (results.method == method)]
+                row = sub[(sub.source == a) & (sub.target == b)]
                 if row.empty:
-                    assert trace.z[i][j] is None and trace.customdata[i][j] == "n/a"
+                    assert trace.z[i][j] is None and trace.customdata[i][j][2] == "not run"
+                    continue
+                value = float(row[metric].iloc[0])
+                lo, hi = float(row[f"{metric}_lo"].iloc[0]), float(row[f"{metric}_hi"].iloc[0])
+                if metric == "mse":  # colour: log10 of the MSE over the column's lowest MSE
+                    best = sub[sub.target == b]["mse"].min()
+                    assert trace.z[i][j] == pytest.approx(np.log10(value / best))
+                    assert trace.text[i][j] == format(value / best, ".2f")
                 else:
-                    value = float(row[metric].iloc[0])
-                    assert trace.z[i][j] == value
-                    assert float(trace.customdata[i][j]) == value  # full precision on hover
+                    assert trace.z[i][j] == value and trace.text[i][j] == fmt(metric, value)
+                hover = trace.customdata[i][j][2]
+                assert f"{fmt(metric, value)} (95% CI {fmt(metric, lo)}–{fmt(metric, hi)})" in hover
+                assert trace.customdata[i][j][:2] == [a.replace("<", "&lt;").replace(">", "&gt;"),
+                                                      b.replace("<", "&lt;").replace(">", "&gt;")]  # fmt: skip
+
+
+def test_overlap_marks_against_a_direct_rule():
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 1, (6, 6))
+    lo, hi = values - rng.uniform(0, 0.2, (6, 6)), values + rng.uniform(0, 0.2, (6, 6))
+    marks = overlap_marks(values, lo, hi, higher_better=True)
+    for i in range(6):
+        best = int(np.argmax(values[i]))
+        for j in range(6):
+            overlaps = [lo[i, j] <= hi[i, r] and lo[i, r] <= hi[i, j] for r in (i, best)]
+            assert marks[i, j] == (j not in (i, best) and any(overlaps))
 
 
 def test_heatmap_large_grid_has_no_cell_text_and_settings_split_by_dataset():
@@ -147,8 +195,8 @@ def test_heatmap_large_grid_has_no_cell_text_and_settings_split_by_dataset():
     ridge, _ = make_frames(keys, ["f"] * 13, methods=("ridge",))
     other, _ = make_frames(keys, ["f"] * 13, methods=("ridge",), test_dataset=XSS_DATASET)
     fig = heatmap_figure(pd.concat([ridge, other]), "agreement", keys)
-    assert len(fig.data) == 2 and all(t.texttemplate is None for t in fig.data)
-    labels = [b.label for b in fig.layout.updatemenus[0].buttons]
+    assert len(heat_traces(fig)) == 2 and all(t.texttemplate is None for t in heat_traces(fig))
+    labels = [t.name for t in heat_traces(fig)]
     assert labels == ["test &lt;img src=x onerror=alert(2)&gt;/test", "test digits/test"]
     assert "<img" not in fig.layout.title.text and "fit digits/train" in fig.layout.title.text
 
@@ -181,7 +229,11 @@ def test_page_is_self_contained_escaped_and_embeds_the_same_data(tmp_path):
         family = dict(zip(models.model, models.family, strict=True))
         expected = heatmap_figure(results, metric, order, [family[m] for m in order])
         for got, want in zip(payload["data"], expected.data, strict=True):
-            assert got["z"] == [list(r) for r in want.z] and got["x"] == list(want.x)
+            if want.type == "heatmap":
+                assert got["z"] == [list(r) for r in want.z] and got["customdata"] == [
+                    [list(c) for c in r] for r in want.customdata]
+    data = json.loads(re.search(r'<script id="report-data" type="application/json">(.*?)</script>', page).group(1))
+    assert data["order"] == order and [s["label"] for s in data["selections"]] == ["ridge", "sgd"]
 
 
 def test_sections_come_in_order_with_their_content_escaped(tmp_path):
@@ -192,8 +244,8 @@ def test_sections_come_in_order_with_their_content_escaped(tmp_path):
         Section("Inversion", html='<div class="gallery"><img alt="inverted" src="data:image/png;base64,AA=="></div>'),
     ]
     page = write(tmp_path, results, models, sections=sections).read_text(encoding="utf-8")
-    positions = [page.index(f"<h2>{t}</h2>") for t in ("Heatmaps", "Models", "Pairs", "CKA", "Inversion", "Spec",
-                                                        "Provenance")]
+    positions = [page.index(f"<h2>{t}</h2>") for t in ("Heatmaps", "Differences between selections", "Models", "Pairs",
+                                                        "CKA", "Inversion", "Spec", "Provenance")]
     assert positions == sorted(positions)
     assert "note &lt;i&gt;1&lt;/i&gt;" in page and "&lt;i&gt;col&lt;/i&gt;" in page and "&lt;u&gt;x&lt;/u&gt;" in page
     assert '<div class="gallery"><img alt="inverted"' in page  # trusted html from this package, kept as is
@@ -204,8 +256,9 @@ def test_tables_format_numbers(tmp_path):
     results, models = make_frames()
     page = write(tmp_path, results, models).read_text(encoding="utf-8")
     agreement = float(results.agreement.iloc[1])
-    assert f'title="{agreement!r}">{agreement:.2%}</td>' in page
-    assert '>1,257</td>' in page and '>0.001</td>' in page
+    assert f'title="{agreement!r}">{agreement:.1%}</td>' in page
+    assert "Same in every row: " in page and "train_rows = 1,257" in page  # constant columns folded into a caption
+    assert '>0.001</td>' in page and '<th data-name="train_rows">' not in page.split('id="pairs"')[1]
     assert '>000000000000…</td>' in page  # weights digest shortened, full value in the tooltip
 
 
@@ -235,7 +288,9 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(UserError, match=r"missing columns \['r2'\]"):
         write(tmp_path, results.drop(columns="r2"), models)
     empty = write(tmp_path, results.iloc[:0], models).read_text(encoding="utf-8")
-    assert "No pair results." in empty
+    for title in ("Heatmaps", "Models", "Pairs", "What the numbers mean"):  # nothing to show: no empty sections
+        assert f"<h2>{title}</h2>" not in empty
+    assert "<h2>Spec</h2>" in empty
 
 
 # ---------------------------------------------------------------- headless Chromium
@@ -253,15 +308,15 @@ def test_report_renders_in_chromium_without_errors_and_shows_hostile_keys_as_tex
                                    tables=[pd.DataFrame({"m": [XSS_MODEL]})])])
     with open_page(path, wait_for=PLOTS_READY) as seen:
         page = seen.page
-        assert seen.count(".js-plotly-plot") >= 3
         assert seen.count(".js-plotly-plot .heatmaplayer image") >= 3
         assert seen.count("#figure-0 .heatmaplayer text") == 25  # values written in the 5 x 5 cells
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
         text = seen.text()
         assert XSS_MODEL in text and XSS_DATASET in text and XSS_SPEC in text and "<svg onload=alert(5)>" in text
         ticks = page.eval_on_selector_all("#figure-0 .ytick text", "els => els.map(e => e.textContent)")
         assert XSS_MODEL in ticks
 
-        # hover one cell (first row, second column): source, target and the value at full precision
+        # hover one cell (first row, second column): source, target and the value in the page's one format
         box = page.locator("#figure-0 .nsewdrag").first.bounding_box()
         page.mouse.move(box["x"] + box["width"] * 1.5 / 5, box["y"] + box["height"] * 0.5 / 5)
         page.wait_for_selector("#figure-0 .hoverlayer .hovertext")
@@ -269,23 +324,76 @@ def test_report_renders_in_chromium_without_errors_and_shows_hostile_keys_as_tex
         source, target = lines[0].split(": ", 1)[1], lines[1].split(": ", 1)[1]
         order = model_order(models, results.pivot_table(index="source", columns="target", values="agreement"))
         assert (source, target) == (order[0], order[1])
-        row = results[(results.source == source) & (results.target == target) & (results.method == "ridge")]
-        assert lines[2] == f"Top-1 agreement: {float(row.agreement.iloc[0])!r}"
+        row = results[(results.source == source) & (results.target == target) & (results.method == "ridge")].iloc[0]
+        expected = (f"Top-1 agreement: {fmt('agreement', row.agreement)} (95% CI {fmt('agreement', row.agreement_lo)}"
+                    f"–{fmt('agreement', row.agreement_hi)})")
+        assert lines[2] == expected
 
-        # the method menu switches the visible trace
-        page.click("#figure-0 .updatemenu-header-group")
-        page.locator("#figure-0 .updatemenu-dropdown-button").nth(1).click()
-        page.wait_for_function("document.getElementById('figure-0').data[1].visible === true")
+        # one shared selector switches every heatmap to the sgd traces
+        visible = ("Array.from(document.querySelectorAll('.pair-heatmap')).map(gd => gd.data.filter("
+                   "t => t.type === 'heatmap' && t.visible !== false).map(t => t.meta.sel.method).join())")
+        assert page.evaluate(visible) == ["ridge"] * 3
+        page.select_option("#selection", "1")
+        page.wait_for_function(visible + ".every(m => m === 'sgd')")
 
-        # the pairs table sorts by a clicked column
+        # click the same cell: the drill-down fills in place with that pair's sgd numbers
+        page.mouse.click(box["x"] + box["width"] * 1.5 / 5, box["y"] + box["height"] * 0.5 / 5)
+        page.wait_for_selector("#drilldown table.numbers")
+        assert page.get_attribute("#drilldown", "data-pair") == f"{order[0]}|{order[1]}"
+        sgd = results[(results.source == order[0]) & (results.target == order[1]) & (results.method == "sgd")].iloc[0]
+        shown = page.inner_text("#drilldown td[data-metric=agreement]")
+        assert shown == (f"{fmt('agreement', sgd.agreement)} (95% CI {fmt('agreement', sgd.agreement_lo)}"
+                         f"–{fmt('agreement', sgd.agreement_hi)})")
+        assert seen.count("#drilldown .js-plotly-plot") == 4 and seen.count("#drilldown .thumbs figure") == 1
+
+        # the difference view counts the differences whose interval (same resamples) excludes zero
+        page.wait_for_function("document.getElementById('diff-summary').textContent.length > 0")
+        summary = page.inner_text("#diff-summary")
+        ridge = results[results.method == "ridge"].set_index(["source", "target"])
+        other = results[results.method == "sgd"].set_index(["source", "target"])
+        excluded = 0
+        for key in ridge.index:
+            x = ridge.loc[key, "agreement"] + np.random.default_rng(int(ridge.index.get_loc(key))).normal(0, 0.01, 200)
+            k = len(ridge) + other.index.get_loc(key)
+            y = other.loc[key, "agreement"] + np.random.default_rng(k).normal(0, 0.01, 200)
+            d = x.astype(np.float32).astype(float) - y.astype(np.float32).astype(float)
+            lo, hi = np.quantile(d, [0.025, 0.975])
+            excluded += bool(lo > 0 or hi < 0)
+        assert summary.startswith(f"{excluded} of {len(ridge)} differences exclude zero")
+
+        # the pairs table sorts by a clicked column, filters, and gives its shown rows as CSV
         headers = page.eval_on_selector_all("#pairs th", "els => els.map(e => e.textContent)")
         column = headers.index("agreement") + 1
         page.click(f"#pairs th:nth-child({column})")
         first = page.get_attribute(f"#pairs tbody tr:first-child td:nth-child({column})", "data-v")
         assert float(first) == results.agreement.min()
+        page.fill("#pairs input.filter", "deit_s")
+        csv = page.evaluate("featrecReport.tableCSV(document.querySelector('#pairs table'))")
+        import io
+        back = pd.read_csv(io.StringIO(csv))
+        assert len(back) == int(((results.source == "deit_s") | (results.target == "deit_s")).sum())
+        assert np.allclose(sorted(back.agreement), sorted(results[(results.source == "deit_s")
+                                                                   | (results.target == "deit_s")].agreement))
 
         assert seen.console_errors == [] and seen.page_errors == []
         assert seen.dialogs == [] and seen.external_requests == []
+
+
+def test_download_links_give_back_the_embedded_csv(tmp_path):
+    from featrec_grid.report import Download
+
+    results, models = make_frames()
+    table = results[results.method == "ridge"].pivot(index="source", columns="target", values="agreement")
+    data = table.to_csv().encode()
+    path = write(tmp_path, results, models, downloads=[Download("agreement.csv", data, len(data), "text/csv"),
+                                                        Download("huge.parquet", None, 9_000_000)])  # fmt: skip
+    with open_page(path, wait_for=PLOTS_READY) as seen:
+        with seen.page.expect_download() as info:
+            seen.page.click("a[download='agreement.csv']")
+        got = pd.read_csv(info.value.path(), index_col=0)
+        pd.testing.assert_frame_equal(got, table, check_names=False, check_exact=False)
+        assert "huge.parquet (9.0 MB)" in seen.text()
+        assert seen.external_requests == [] and seen.console_errors == []
 
 
 def test_missing_chromium_fails_with_the_install_command(monkeypatch, tmp_path):

@@ -61,9 +61,9 @@ def _closed_port() -> int:
 @pytest.mark.slow
 def test_unreachable_address_fails_in_seconds_with_one_line(tmp_path):
     spec = tmp_path / "s.yaml"
-    spec.write_text("name: s\nstore: {0}/st\noutput: {0}/out\nmodels: {{a: {{source: zoo, architecture: mlp}}}}\n"
-                    "data: {{train: {{dataset: digits, split: train}}, test: {{dataset: digits, split: test}}}}\n"
-                    .format(tmp_path))  # fmt: skip
+    spec.write_text(f"name: s\nstore: {tmp_path}/st\noutput: {tmp_path}/out\nmodels: {{a: {{source: zoo, architecture: mlp}}}}\n"
+                    "data: {train: {dataset: digits, split: train}, test: {dataset: digits, split: test}}\n"
+                    )  # fmt: skip
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cmd = [sys.executable, "-m", "featrec_grid.cli", "cka", str(spec), "--address", f"127.0.0.1:{_closed_port()}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
