@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,14 +97,13 @@ def run_grid(
 
 def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:
     """Tables, provenance and the report of a grid run, then its summary lines."""
-    from .publish import publish
-    from .report import model_order
+    from .publish import headline, provenance_fields, publish
 
     versions = _versions()
     results = reduce.results_frame(rows, versions)
     cells = [(c.setting, c.mode, m) for c in spec.cells() for m in c.fit.methods]
-    agree = reduce.matrix(results, "agreement", cells[0][2], list(spec.models), *cells[0][:2]) if len(results) else None
     provenance = {
+        **provenance_fields(sys.argv),
         "versions": versions,
         "hardware": f"{platform.machine()}, {os.cpu_count()} CPU cores",
         "run seconds": round(seconds, 1),
@@ -113,12 +113,16 @@ def _finish(spec, out_dir, outcome, rows, models, seconds, echo) -> None:
     }
     reduce.write_outputs(
         out_dir, results=results, models=models, resolved_spec=spec.resolved(), cells=cells,
-        order=model_order(models, agree), provenance=provenance,
+        order=list(spec.models), provenance=provenance,
     )
     outcome.results = results
     outcome.report = publish(out_dir, spec)
     for name, msg in list(outcome.failures.items())[:20]:
         echo(f"failed: {name}: {msg}")
+    if len(outcome.failures) > 20:
+        echo(f"... and {len(outcome.failures) - 20} more failed tasks (tasks.parquet lists them all)")
+    for line in headline(results, outcome.report):
+        echo(line)
     echo(outcome.summary())
 
 

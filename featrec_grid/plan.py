@@ -22,7 +22,7 @@ from .refs import DataRef, ModelRef
 from .spec import Cell, FitSpec, GridSpec
 from .store import Store
 
-PAIR_VERSION = 1
+PAIR_VERSION = 2  # 2: bootstrap intervals and drill-down data in every pair row
 CKA_COLUMNS = ("features", "logits")
 TODO, CACHED = "todo", "cached"
 
@@ -136,7 +136,12 @@ def pair_key(spec: GridSpec, cell: Cell, source: str, target: str, method: str) 
     else:
         fit.update(mlp=cell.fit.mlp, val_fraction=cell.fit.val_fraction)
     shards = [spec_shard_key(spec, m[k], d) for k in (source, target) for d in (cell.train, cell.test)]
-    return _digest([*shards, fit])
+    return _digest([*shards, fit, {"report": bootstrap(spec)}])
+
+
+def bootstrap(spec: GridSpec) -> dict[str, Any]:
+    """The bootstrap settings every pair task gets (the spec's `report` block): fit_pair's ci, resamples, seed."""
+    return {"ci": spec.report.ci, "resamples": spec.report.resamples, "seed": spec.report.seed}
 
 
 def cka_key(spec: GridSpec, models: list[str]) -> str:
@@ -240,7 +245,8 @@ def _extract(graph: Graph, spec: GridSpec, store: Store, model: str, data: DataR
 
 
 def ridge_tasks(graph: Graph, store: Store, source: str, target: str, train: DataRef, test: DataRef, fit: FitSpec,
-                *, name: str, deps: Iterable[str], retries: int = 2, meta: dict | None = None) -> Task:  # fmt: skip
+                *, name: str, deps: Iterable[str], retries: int = 2, meta: dict | None = None,
+                kwargs: dict | None = None) -> Task:  # fmt: skip
     """A closed-form fit of source -> target after its source's statistics (planned once per source and train
     split, shared by every target). Used by the grid and by `bench scale`."""
     stats = stats_name(source, train)
@@ -249,8 +255,8 @@ def ridge_tasks(graph: Graph, store: Store, source: str, target: str, train: Dat
         graph.add(Task(stats, "source_stats", "featrec_grid.pairs:source_stats", (store, source, train, fit),
                        deps=tuple(source_deps), retries=retries, meta={"model": source}))  # fmt: skip
     return graph.add(Task(name, "fit", "featrec_grid.pairs:fit_pair",
-                          (store, source, target, train, test, fit, "ridge", Ref(stats)), deps=tuple(deps),
-                          retries=retries, meta=meta or {}))  # fmt: skip
+                          (store, source, target, train, test, fit, "ridge", Ref(stats)), kwargs or {},
+                          deps=tuple(deps), retries=retries, meta=meta or {}))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -277,16 +283,16 @@ def plan_grid(spec: GridSpec, output: str | Path | None = None, *, rebuild: bool
         deps = [_extract(graph, spec, store, k, d, rebuild) for k in (s, t) for d in (cell.train, cell.test)]
         if method == "ridge":
             task = ridge_tasks(graph, store, s, t, cell.train, cell.test, cell.fit, name=name, deps=deps,
-                               retries=r.max_retries, meta=meta)  # fmt: skip
+                               retries=r.max_retries, meta=meta, kwargs=bootstrap(spec))  # fmt: skip
             task.key = key
             continue
         args = (store, s, t, cell.train, cell.test, cell.fit, method)
         if method == "sgd":
-            graph.add(Task(name, "fit", "featrec_grid.pairs:fit_pair", args, deps=tuple(deps), gpus=r.gpus_per_fit,
-                           retries=r.max_retries, key=key, meta=meta))  # fmt: skip
+            graph.add(Task(name, "fit", "featrec_grid.pairs:fit_pair", args, bootstrap(spec), deps=tuple(deps),
+                           gpus=r.gpus_per_fit, retries=r.max_retries, key=key, meta=meta))  # fmt: skip
         else:
-            graph.add(Task(name, "fit", "featrec_grid.pairs:fit_pair", args, deps=tuple(deps), gpus=r.gpus_per_fit,
-                           key=key, meta=meta, runner="tune", group=f"mlp {cell.setting}/{cell.mode}",
+            graph.add(Task(name, "fit", "featrec_grid.pairs:fit_pair", args, bootstrap(spec), deps=tuple(deps),
+                           gpus=r.gpus_per_fit, key=key, meta=meta, runner="tune", group=f"mlp {cell.setting}/{cell.mode}",
                            search={**mlp_search(cell.fit), "storage": str(out / "tune")}))  # fmt: skip
 
     for m in used:

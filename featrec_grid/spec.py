@@ -135,8 +135,8 @@ class ReportSpec:
     """The `report:` block: how the report states uncertainty."""
 
     ci: float = field(default=0.95, metadata=_doc("confidence level of the bootstrap intervals", low=0.5, high=0.999))
-    resamples: int = field(default=1000, metadata=_doc("bootstrap resamples over test images (0: no intervals)", low=0,
-                                                       high=100_000))
+    resamples: int = field(default=1000, metadata=_doc("bootstrap resamples over test images (the same for every pair)",
+                                                       low=1, high=100_000))
     seed: int = field(default=0, metadata=_doc("seed of the bootstrap resampling", low=0))
 
 
