@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -23,6 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from featrec_grid.errors import UserError
+from featrec_grid.store import write_atomic
 
 # metric column -> (heatmap title, colorscale, in-cell number format); higher is better except for MSE.
 METRICS: dict[str, tuple[str, str, str]] = {
@@ -467,16 +467,5 @@ def _page(title: str, nav: list[tuple[str, str]], body: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode("utf-8"))  # the package's one writer (store.py): umask-respecting permissions
     return path

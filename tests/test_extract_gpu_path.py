@@ -15,8 +15,15 @@ from click.testing import CliRunner
 
 from featrec_grid.cli import main
 from featrec_grid.errors import UserError
-from featrec_grid.extract import FORMAT_VERSION, extract_split, largest_batch, shard_key, split_status
-from featrec_grid.models import extract_batch, load_classifier
+from featrec_grid.extract import (
+    FORMAT_VERSION,
+    extract_batch,
+    extract_split,
+    largest_batch,
+    shard_key,
+    split_status,
+)
+from featrec_grid.models import load_classifier
 from featrec_grid.refs import DataRef, ModelRef
 from featrec_grid.store import Store
 

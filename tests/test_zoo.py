@@ -7,7 +7,8 @@ import torch
 from featrec_grid import zoo
 from featrec_grid.data import TransformedDataset, load_dataset
 from featrec_grid.errors import UserError
-from featrec_grid.models import extract_batch, load_classifier
+from featrec_grid.extract import extract_batch
+from featrec_grid.models import load_classifier
 from featrec_grid.refs import DataRef, ModelRef
 from featrec_grid.store import Store
 
