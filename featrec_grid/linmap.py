@@ -10,13 +10,21 @@ intercept. S_zz depends on the source only: one eigendecomposition serves every 
 (and alpha = 0 becomes the minimum-norm least-squares solution when S_zz is singular). The seed's SGD
 recipe is `fit_sgd`, kept as the reference the closed form is measured against.
 
+At alpha = 0 an eigen-direction counts as zero when its eigenvalue is at or below eps * max(n, C) * l_max
+(eps = float64 machine epsilon, n rows, C logits): numpy.linalg.matrix_rank's tolerance for the PSD Gram,
+the eigenvalues it cannot tell from the rounding of a float64 Gram accumulated over n rows. Nothing larger is
+dropped, so alpha = 0 is plain (minimum-norm) least squares up to float64 precision: it matches
+numpy.linalg.lstsq wherever cond(Zc)^2 * eps is small, and rank-deficient logits lose only their exactly
+degenerate directions. (An earlier fixed cutoff of 1e-10 * l_max dropped real directions of ill-conditioned
+logits, e.g. cond(S_zz) ~ 1e10 on Lite sources.)
+
 When a source has fewer rows n than logits C (an ImageNet-21k head has C = 21,843: S_zz is 3.8 GB in
 float64) the same maps come from the dual (kernel) form, `DualSolver`: with centered Zc [n, C] and
 Fc [n, D], K = Zc Zc' [n, n] = U diag(l) U' once per source and, for any target and alpha,
 
     A' = Zc' U diag(1 / (l + alpha)) U' Fc,   c = mean_f - A mean_z
 
-(alpha = 0 drops the eigenvalues at or below rcond * max(l): the minimum-norm least-squares solution,
+(alpha = 0 drops the eigenvalues at or below the cutoff: the minimum-norm least-squares solution,
 pinv(Zc) Fc). The nonzero eigenvalues of K are those of S_zz, so both forms drop the same directions and
 give the same predictions; the dual needs O(n^2 + n*C + n*D) memory and never forms a C x C array.
 """
@@ -112,14 +120,14 @@ def accumulate(batches: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> Momen
 class RidgeSolver:
     """Ridge/least squares for one source: eigendecompose S_zz once, then solve any target and alpha cheaply."""
 
-    def __init__(self, zz: Moments, rcond: float = 1e-10):
+    def __init__(self, zz: Moments, rcond: float | None = None):
         if zz.n < 2:
             raise ValueError(f"need at least 2 rows to fit a map, got {zz.n}")
         self.n = zz.n
         self.mean_z = zz.mean_x
         evals, self.evecs = np.linalg.eigh(zz.sxy)
         self.evals = np.clip(evals, 0.0, None)
-        self.cutoff = rcond * max(float(self.evals.max()), np.finfo(float).tiny)
+        self.cutoff = eigen_cutoff(self.evals, self.n, len(self.evals), rcond)
         self.rank = int((self.evals > self.cutoff).sum())
 
     def solve(self, zf: Moments, alpha: float) -> LinearMap:
@@ -130,6 +138,14 @@ class RidgeSolver:
         coef = self.evecs @ (inv[:, None] * (self.evecs.T @ zf.sxy))  # [C, D]
         weight = coef.T
         return LinearMap(weight, zf.mean_y - weight @ self.mean_z)
+
+
+def eigen_cutoff(evals: np.ndarray, rows: int, dim: int, rcond: float | None = None) -> float:
+    """Eigenvalues of a Gram at or below this count as zero at alpha = 0: rcond * max eigenvalue, with rcond
+    eps * max(rows, dim) by default (numpy's matrix_rank tolerance: float64 rounding of the Gram, no more)."""
+    if rcond is None:
+        rcond = np.finfo(np.float64).eps * max(rows, dim)
+    return rcond * max(float(np.max(evals, initial=0.0)), np.finfo(float).tiny)
 
 
 def spectral_inverse(evals: np.ndarray, alpha: float, cutoff: float) -> np.ndarray:
@@ -177,7 +193,7 @@ class DualSolver:
     the logits again, and `project` the held-out rows' basis that `select_alpha_dual` scores them with.
     """
 
-    def __init__(self, z: np.ndarray, rcond: float = 1e-10):
+    def __init__(self, z: np.ndarray, rcond: float | None = None):
         data = np.array(z, dtype=np.float64)  # one float64 copy [n, C], centered in place, shared by subsets
         if data.ndim != 2:
             raise ValueError(f"logits must be 2-D, got shape {data.shape}")
@@ -186,7 +202,7 @@ class DualSolver:
         self._setup(data, mean, None, data @ data.T, rcond)
 
     def _setup(
-        self, data: np.ndarray, center: np.ndarray, rows: np.ndarray | None, kernel: np.ndarray, rcond: float
+        self, data: np.ndarray, center: np.ndarray, rows: np.ndarray | None, kernel: np.ndarray, rcond: float | None
     ):
         """`data`: all rows read, centered on `center`; this solver's rows are data[rows] (all when None) and
         `kernel` is their Gram after centering them on their own mean."""
@@ -202,7 +218,7 @@ class DualSolver:
             self.mean_z = center + weights @ data  # the subset's mean without gathering its [n, C] rows
         evals, self.evecs = np.linalg.eigh(kernel)
         self.evals = np.clip(evals, 0.0, None)
-        self.cutoff = rcond * max(float(self.evals.max()), np.finfo(float).tiny)
+        self.cutoff = eigen_cutoff(self.evals, self.n, data.shape[1], rcond)
         self.rank = int((self.evals > self.cutoff).sum())
 
     @property

@@ -85,14 +85,28 @@ def test_select_alpha_picks_validation_minimum():
     assert best > 0  # overfitting at alpha 0 with 60 inputs and 80 rows
 
 
-def test_sgd_recipe_is_worse_or_equal_to_closed_form():
-    z, f = _data(n=512, seed=5)
-    closed = RidgeSolver(Moments.of(z)).solve(Moments.of(z, f), 0.0)
-    sgd = fit_sgd(z / 10, f, epochs=5, lr=0.01)  # scaled input keeps the seed's recipe stable here
-    err_closed = np.mean((closed.predict(z) - f) ** 2)
-    err_sgd = np.mean((sgd.predict(z / 10) - f) ** 2)
-    assert err_closed <= err_sgd
-    assert sgd.weight.shape == closed.weight.shape
+def test_sgd_recipe_equals_a_numpy_momentum_sgd_loop():
+    """The seed's recipe (Linear init under the seed, MSE, SGD with momentum, batches in data order) against the
+    same updates written out in numpy float64: v = momentum v + grad, w -= lr v, grad of the mean squared error."""
+    import torch
+
+    z, f = _data(n=300, c=6, d=3, seed=5)
+    z, f = z / 10, f / 10  # keeps lr 0.05 stable
+    epochs, lr, momentum, batch = 3, 0.05, 0.9, 64
+    got = fit_sgd(z, f, epochs=epochs, lr=lr, momentum=momentum, batch_size=batch, seed=7)
+    torch.manual_seed(7)
+    init = torch.nn.Linear(6, 3)
+    w, b = init.weight.detach().double().numpy().copy(), init.bias.detach().double().numpy().copy()
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    z64, f64 = z.astype(np.float64), f.astype(np.float64)
+    for _ in range(epochs):
+        for start in range(0, len(z64), batch):
+            zb, fb = z64[start : start + batch], f64[start : start + batch]
+            r = (zb @ w.T + b - fb) * (2.0 / fb.size)
+            vw, vb = momentum * vw + r.T @ zb, momentum * vb + r.sum(0)
+            w, b = w - lr * vw, b - lr * vb
+    np.testing.assert_allclose(got.weight, w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.bias, b, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ dual form
@@ -126,3 +140,60 @@ def test_select_alpha_dual_equals_select_alpha():
     assert best == ref_best
     for a in alphas:
         assert scores[a] == pytest.approx(ref[a], rel=1e-8)
+
+
+def _ill_conditioned(n, c, d, seed, smallest):
+    """Logits with centered singular values from 1 down to `smallest` (cond(S_zz) = smallest**-2), an offset,
+    and features linear in them plus noise: the centered design is exactly U diag(s) V'."""
+    rng = np.random.default_rng(seed)
+    raw = rng.standard_normal((n, min(n - 1, c)))
+    raw -= raw.mean(0)  # columns orthogonal to the ones vector: centering leaves them as they are
+    u = np.linalg.qr(raw)[0]
+    v = np.linalg.qr(rng.standard_normal((c, c)))[0][:, : u.shape[1]]
+    s = np.logspace(0, np.log10(smallest), u.shape[1]) * 30.0
+    z = (u * s) @ v.T + rng.standard_normal(c) * 4.0
+    f = z @ rng.standard_normal((c, d)) + 0.1 * rng.standard_normal((n, d)) + 1.0
+    return z, f
+
+
+def _lstsq(z, f):
+    """numpy's own minimum-norm least squares with an intercept column, its default rcond."""
+    x = np.hstack([z, np.ones((len(z), 1))])
+    coef = np.linalg.lstsq(x, f, rcond=None)[0]
+    return coef[:-1].T, coef[-1]
+
+
+def test_alpha_zero_is_numpy_lstsq_on_ill_conditioned_logits():
+    """cond(S_zz) = 1e11: every direction is real, so alpha = 0 must be numpy.linalg.lstsq's solution (weights and
+    predictions on train and new rows); the former 1e-10 cutoff dropped the smallest directions and missed it."""
+    z, f = _ill_conditioned(400, 30, 6, seed=12, smallest=10**-5.5)
+    z_new = _ill_conditioned(50, 30, 6, seed=13, smallest=1.0)[0]
+    weight, bias = _lstsq(z, f)
+    m = RidgeSolver(Moments.of(z)).solve(Moments.of(z, f), 0.0)
+    assert RidgeSolver(Moments.of(z)).rank == 30
+    # the Gram form is accurate to about cond(S_zz) * eps = 2e-5 relative to the largest weight
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-5 * np.abs(weight).max())
+    np.testing.assert_allclose(m.predict(z), z @ weight.T + bias, rtol=0, atol=1e-7 * np.abs(f).max())
+    new = z_new @ weight.T + bias  # new rows have every direction at scale 1: the tiny ones' weights are huge
+    np.testing.assert_allclose(m.predict(z_new), new, rtol=0, atol=1e-5 * np.abs(new).max())
+    old = RidgeSolver(Moments.of(z), rcond=1e-10).solve(Moments.of(z, f), 0.0)
+    assert np.abs(old.predict(z) - (z @ weight.T + bias)).max() > 1e-3  # what the issue found: 0.998 vs 1.0
+
+
+def test_alpha_zero_drops_only_exactly_degenerate_directions():
+    """Logits of rank 5 in 12 columns (exact linear copies): the 7 degenerate directions are dropped (numpy's own
+    matrix_rank agrees) and the map is pinv's minimum-norm solution."""
+    rng = np.random.default_rng(14)
+    base = rng.standard_normal((300, 5)) * [1.0, 1e-2, 1e-3, 1e-4, 1e-5]
+    z = np.hstack([base, base @ rng.standard_normal((5, 7))]) + 3.0
+    f = base @ rng.standard_normal((5, 4)) + 0.01 * rng.standard_normal((300, 4))
+    solver = RidgeSolver(Moments.of(z))
+    assert solver.rank == np.linalg.matrix_rank(z - z.mean(0)) == 5
+    # minimum norm among the weights (the intercept is not penalised): numpy's lstsq on the centered arrays
+    zc, fc = z - z.mean(0), f - f.mean(0)
+    weight = np.linalg.lstsq(zc, fc, rcond=None)[0].T
+    m = solver.solve(Moments.of(z, f), 0.0)
+    np.testing.assert_allclose(m.predict(z), zc @ weight.T + f.mean(0), atol=1e-8)
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-5 * np.abs(weight).max())
+    null = np.linalg.svd(zc)[2][5:]  # no weight on the 7 null directions
+    assert np.abs(m.weight @ null.T).max() <= 1e-5 * np.abs(m.weight).max()
