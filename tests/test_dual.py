@@ -338,3 +338,26 @@ def test_huge_head_without_a_class_by_class_array():
     # the intercept's own normal equation on the uncentered rows: the residuals sum to zero
     residual = z64 @ m.weight.T + m.bias - f64
     assert np.abs(residual.sum(0)).max() < 1e-8 * np.abs(f64).sum(0).max()
+
+
+# ------------------------------------------------------------------------------------------ model-level CKA
+def test_model_cka_checks_row_ids_before_pairing_rows(tmp_path):
+    """Linear CKA of two models' test features against the direct formula; rows in another order are refused
+    naming both models, not paired by position."""
+    from featrec_grid.pairs import model_cka
+
+    store = Store(tmp_path / "store")
+    test = DataRef("toy", "test")
+    rng = np.random.default_rng(16)
+    index = np.arange(50, dtype=np.int64)
+    x, y = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((50, 4)).astype(np.float32)
+    y[:, :2] += x[:, :2]
+    _write(store, "a", test, index, x[:, :3], x, 3, 0)
+    _write(store, "b", test, index, y[:, :3], y, 3, 1)
+    _write(store, "c", test, index[::-1].copy(), y[::-1, :3].copy(), y[::-1].copy(), 3, 2)
+    out = model_cka(store, ["a", "b"], test, "features")
+    xc, yc = (v.astype(np.float64) - v.astype(np.float64).mean(0) for v in (x, y))
+    direct = np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    assert out["cka"][0][1] == pytest.approx(direct, rel=1e-9) and out["rows"] == 50
+    with pytest.raises(ValueError, match="models a and c hold different toy/test rows"):
+        model_cka(store, ["a", "c"], test, "features")
