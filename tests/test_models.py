@@ -377,3 +377,50 @@ def test_family_names():
         "cnn": "cnn",
     }
     assert {name: family_of(name) for name in names} == names
+
+
+def test_overwritten_checkpoint_changes_the_shard_key_and_the_shards_are_recomputed(tmp_path):
+    """The same path rewritten in place with other weights: a new shard key, so extract_split recomputes, and the
+    stored logits are the new model's (checked against that model's own forward)."""
+    from featrec_grid.data import TransformedDataset, load_dataset
+    from featrec_grid.extract import extract_split, shard_key
+    from featrec_grid.refs import DataRef
+    from featrec_grid.store import Store
+
+    store = Store(tmp_path / "store")
+    path = tmp_path / "ckpt.safetensors"
+    data = DataRef("digits", "test", {"limit": 6})
+    ref = ModelRef("c", "checkpoint", "timm:resnet10t", weights=str(path), options={"num_classes": 3, "img_size": 32})
+    keys, logits = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = timm.create_model("resnet10t", num_classes=3).eval()
+        save_file(net.state_dict(), str(path))  # same name, overwritten in place
+        keys.append(shard_key(ref, data))
+        manifest = extract_split(ref, data, store)
+        assert manifest["reused"] is False and manifest["key"] == keys[-1]
+        clf = load_classifier(ref)
+        images = TransformedDataset(load_dataset(data), clf.input.transform())
+        with torch.no_grad():
+            expected = net(torch.stack([images[i][0] for i in range(6)])).numpy()
+        stored = store.read_split(store.split_dir("c", data))["logits"]
+        np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-4)
+        logits.append(stored.copy())
+    assert keys[0] != keys[1] and not np.allclose(logits[0], logits[1])
+    assert extract_split(ref, data, store)["reused"] is True  # unchanged file: reused
+
+
+def test_folder_dataset_contents_enter_the_shard_key(tmp_path):
+    from featrec_grid.data import data_fingerprint
+    from featrec_grid.extract import shard_key
+    from featrec_grid.refs import DataRef
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), cls == "a" and "red" or "blue").save(tmp_path / "imgs" / cls / "0.png")
+    data = DataRef("folder", "test", {"root": str(tmp_path / "imgs")})
+    ref = ModelRef("r", "timm", "resnet10t")
+    first, fingerprint = shard_key(ref, data), data_fingerprint(data)
+    assert shard_key(ref, data) == first and data_fingerprint(DataRef("digits", "test")) is None
+    Image.new("RGB", (8, 8), "green").save(tmp_path / "imgs" / "b" / "1.png")
+    assert data_fingerprint(data) != fingerprint and shard_key(ref, data) != first
