@@ -10,13 +10,14 @@ intercept. S_zz depends on the source only: one eigendecomposition serves every 
 (and alpha = 0 becomes the minimum-norm least-squares solution when S_zz is singular). The seed's SGD
 recipe is `fit_sgd`, kept as the reference the closed form is measured against.
 
-At alpha = 0 an eigen-direction counts as zero when its eigenvalue is at or below eps * max(n, C) * l_max
-(eps = float64 machine epsilon, n rows, C logits): numpy.linalg.matrix_rank's tolerance for the PSD Gram,
-the eigenvalues it cannot tell from the rounding of a float64 Gram accumulated over n rows. Nothing larger is
-dropped, so alpha = 0 is plain (minimum-norm) least squares up to float64 precision: it matches
-numpy.linalg.lstsq wherever cond(Zc)^2 * eps is small, and rank-deficient logits lose only their exactly
-degenerate directions. (An earlier fixed cutoff of 1e-10 * l_max dropped real directions of ill-conditioned
-logits, e.g. cond(S_zz) ~ 1e10 on Lite sources.)
+At alpha = 0 a direction counts as zero exactly as numpy.linalg.lstsq decides it: singular value of the
+centered logits at or below eps * max(n, C) * s_max (eps = float64 machine epsilon, n rows, C logits). The
+primal form gets those singular values from an R factor of the rows streamed beside S_zz (Moments.r), not from
+S_zz's eigenvalues, whose rounding would hide every direction below sqrt(eps) * s_max (Lite0 at 32 px has
+cond(Zc) = 1.5e9: 729 of its 1000 directions). So alpha = 0 is plain minimum-norm least squares. The dual form
+eigendecomposes the n x n kernel and drops eigenvalues at or below eps * max(n, C) * l_max: float64 rounding of
+the kernel, no more; it resolves singular values down to sqrt(eps * max(n, C)) * s_max. (An earlier fixed
+cutoff of 1e-10 * l_max dropped real directions of ill-conditioned logits in both forms.)
 
 When a source has fewer rows n than logits C (an ImageNet-21k head has C = 21,843: S_zz is 3.8 GB in
 float64) the same maps come from the dual (kernel) form, `DualSolver`: with centered Zc [n, C] and
@@ -55,7 +56,10 @@ class LinearMap:
 class Moments:
     """Streaming count, means and centered cross-scatter sum (x - mx)'(y - my) in float64 (Chan's merge).
 
-    With `y` omitted it accumulates the scatter of x with itself. `syy` is trace((y - my)'(y - my)).
+    With `y` omitted it accumulates the scatter of x with itself, and also `r`, an R factor of the centered rows
+    (sxy = r' r) merged the same way (QR of the stacked factors plus the mean-shift row): its singular values are
+    those of the centered x itself, so small directions are not lost in the rounding of the squared Gram.
+    `syy` is trace((y - my)'(y - my)).
     """
 
     n: int
@@ -63,6 +67,7 @@ class Moments:
     mean_y: np.ndarray
     sxy: np.ndarray
     syy: float = 0.0
+    r: np.ndarray | None = None
 
     @classmethod
     def empty(cls, dim_x: int, dim_y: int | None = None) -> Moments:
@@ -82,7 +87,8 @@ class Moments:
         xc -= mx
         if not same:
             yc -= my
-        return cls(len(xc), mx, my, xc.T @ yc, float(np.einsum("ij,ij->", yc, yc)))
+        r = np.linalg.qr(xc, mode="r") if same else None
+        return cls(len(xc), mx, my, xc.T @ yc, float(np.einsum("ij,ij->", yc, yc)), r)
 
     def merge(self, other: Moments) -> Moments:
         if other.n == 0:
@@ -93,12 +99,16 @@ class Moments:
         dx = other.mean_x - self.mean_x
         dy = other.mean_y - self.mean_y
         w = self.n * other.n / n
+        r = None
+        if self.r is not None and other.r is not None:
+            r = np.linalg.qr(np.vstack([self.r, other.r, np.sqrt(w) * dx[None, :]]), mode="r")
         return Moments(
             n,
             self.mean_x + dx * (other.n / n),
             self.mean_y + dy * (other.n / n),
             self.sxy + other.sxy + w * np.outer(dx, dy),
             self.syy + other.syy + w * float(dy @ dy),
+            r,
         )
 
     def update(self, x: np.ndarray, y: np.ndarray | None = None) -> Moments:
@@ -125,9 +135,16 @@ class RidgeSolver:
             raise ValueError(f"need at least 2 rows to fit a map, got {zz.n}")
         self.n = zz.n
         self.mean_z = zz.mean_x
-        evals, self.evecs = np.linalg.eigh(zz.sxy)
-        self.evals = np.clip(evals, 0.0, None)
-        self.cutoff = eigen_cutoff(self.evals, self.n, len(self.evals), rcond)
+        dim = len(zz.mean_x)
+        if zz.r is not None:  # singular values of the centered rows themselves: numpy lstsq's accuracy and rule
+            _, sv, vt = np.linalg.svd(zz.r, full_matrices=True)
+            self.evecs, self.evals = vt.T, np.zeros(dim)
+            self.evals[: len(sv)] = sv**2
+            self.cutoff = eigen_cutoff(sv, self.n, dim, rcond) ** 2
+        else:
+            evals, self.evecs = np.linalg.eigh(zz.sxy)
+            self.evals = np.clip(evals, 0.0, None)
+            self.cutoff = eigen_cutoff(self.evals, self.n, dim, rcond)
         self.rank = int((self.evals > self.cutoff).sum())
 
     def solve(self, zf: Moments, alpha: float) -> LinearMap:
@@ -141,8 +158,9 @@ class RidgeSolver:
 
 
 def eigen_cutoff(evals: np.ndarray, rows: int, dim: int, rcond: float | None = None) -> float:
-    """Eigenvalues of a Gram at or below this count as zero at alpha = 0: rcond * max eigenvalue, with rcond
-    eps * max(rows, dim) by default (numpy's matrix_rank tolerance: float64 rounding of the Gram, no more)."""
+    """Values at or below this count as zero at alpha = 0: rcond * the largest, rcond = eps * max(rows, dim) by
+    default (numpy's lstsq / matrix_rank tolerance). Applied to singular values of the rows (primal form, from
+    their R factor) or to eigenvalues of a Gram (dual form: float64 rounding of the Gram, no more)."""
     if rcond is None:
         rcond = np.finfo(np.float64).eps * max(rows, dim)
     return rcond * max(float(np.max(evals, initial=0.0)), np.finfo(float).tiny)

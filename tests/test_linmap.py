@@ -163,21 +163,29 @@ def _lstsq(z, f):
     return coef[:-1].T, coef[-1]
 
 
-def test_alpha_zero_is_numpy_lstsq_on_ill_conditioned_logits():
-    """cond(S_zz) = 1e11: every direction is real, so alpha = 0 must be numpy.linalg.lstsq's solution (weights and
-    predictions on train and new rows); the former 1e-10 cutoff dropped the smallest directions and missed it."""
-    z, f = _ill_conditioned(400, 30, 6, seed=12, smallest=10**-5.5)
+@pytest.mark.parametrize("smallest", [10**-5.5, 1e-9])
+def test_alpha_zero_is_numpy_lstsq_on_ill_conditioned_logits(smallest):
+    """cond(Zc) = 3e5 and 1e9 (Lite0 at 32 px: 1.5e9): every direction is real, so alpha = 0 must be
+    numpy.linalg.lstsq's solution (weights, predictions on train and new rows); the former cutoff (eigenvalues
+    of S_zz below 1e-10 of the largest) dropped the smallest directions, and so would any eigendecomposition of
+    the squared Gram at cond 1e9."""
+    z, f = _ill_conditioned(400, 30, 6, seed=12, smallest=smallest)
     z_new = _ill_conditioned(50, 30, 6, seed=13, smallest=1.0)[0]
     weight, bias = _lstsq(z, f)
     m = RidgeSolver(Moments.of(z)).solve(Moments.of(z, f), 0.0)
     assert RidgeSolver(Moments.of(z)).rank == 30
-    # the Gram form is accurate to about cond(S_zz) * eps = 2e-5 relative to the largest weight
-    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-5 * np.abs(weight).max())
+    # weights along the tiniest direction are ~1/s_min, and S_zf = Zc'Fc carries about n * eps * s_max of
+    # rounding into it: a relative accuracy of cond(Zc) * n * eps (1e-4 at cond 1e9), not lstsq's cond * eps
+    tol = max(1e-5, 10 * 400 * np.finfo(float).eps / smallest)
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=tol * np.abs(weight).max())
     np.testing.assert_allclose(m.predict(z), z @ weight.T + bias, rtol=0, atol=1e-7 * np.abs(f).max())
     new = z_new @ weight.T + bias  # new rows have every direction at scale 1: the tiny ones' weights are huge
-    np.testing.assert_allclose(m.predict(z_new), new, rtol=0, atol=1e-5 * np.abs(new).max())
-    old = RidgeSolver(Moments.of(z), rcond=1e-10).solve(Moments.of(z, f), 0.0)
+    np.testing.assert_allclose(m.predict(z_new), new, rtol=0, atol=tol * np.abs(new).max())
+    old = RidgeSolver(Moments.of(z), rcond=1e-5).solve(Moments.of(z, f), 0.0)  # the former cutoff, as sv ratio
     assert np.abs(old.predict(z) - (z @ weight.T + bias)).max() > 1e-3  # what the issue found: 0.998 vs 1.0
+    gram = Moments.of(z)
+    gram.r = None  # S_zz alone: its eigenvalues cannot resolve singular values below sqrt(eps) of the largest
+    assert (RidgeSolver(gram).rank < 30) == (smallest < 1e-7)
 
 
 def test_alpha_zero_drops_only_exactly_degenerate_directions():
