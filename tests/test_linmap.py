@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from featrec_grid.linmap import LinearMap, Moments, RidgeSolver, accumulate, fit_sgd, select_alpha, sse
+from featrec_grid.linmap import (
+    DualSolver,
+    LinearMap,
+    Moments,
+    RidgeSolver,
+    accumulate,
+    fit_sgd,
+    select_alpha,
+    sse,
+)
 
 
 def _data(n=600, c=12, d=7, seed=0, noise=0.1):
@@ -205,3 +214,35 @@ def test_alpha_zero_drops_only_exactly_degenerate_directions():
     np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-5 * np.abs(weight).max())
     null = np.linalg.svd(zc)[2][5:]  # no weight on the 7 null directions
     assert np.abs(m.weight @ null.T).max() <= 1e-5 * np.abs(m.weight).max()
+
+
+def test_float32_logits_drop_only_directions_below_their_own_rounding():
+    """float32 logits with centered singular values down to 1e-10 of the largest: directions at or below
+    2^-24 * ||Z||_F (the rounding of the stored values, computed here with numpy's SVD) are dropped, every other
+    kept; the map equals numpy's truncated SVD solution with that rule, and a self pair's head reproduces the
+    test logits (agreement 1.0), which fitting the rounding noise as well does not guarantee."""
+    rng = np.random.default_rng(17)
+    n, c, d = 500, 40, 60
+    w, b = rng.standard_normal((c, d)), rng.standard_normal(c)
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    scales = np.logspace(0, -10, d)
+
+    def feats(rows):
+        return (rng.standard_normal((rows, d)) * scales) @ basis.T + 1.0
+
+    f, f_test = feats(n), feats(400)
+    z, z_test = (f @ w.T + b).astype(np.float32), (f_test @ w.T + b).astype(np.float32)
+    z64 = z.astype(np.float64)
+    zc, fc = z64 - z64.mean(0), f - f.mean(0)
+    u, sv, vt = np.linalg.svd(zc, full_matrices=False)
+    floor = max(2.0**-24 * np.linalg.norm(z64), np.finfo(float).eps * max(n, c) * sv[0])
+    keep = sv > floor
+    assert 0 < keep.sum() < c  # some directions lie below the float32 floor
+    solver = RidgeSolver(Moments.of(z))
+    assert solver.rank == keep.sum() == DualSolver(z).rank
+    weight = (vt[keep].T @ ((u[:, keep].T @ fc) / sv[keep, None])).T
+    m = solver.solve(Moments.of(z, f), 0.0)
+    assert sv[0] / sv[keep][-1] > 1e5  # the smallest kept direction is ill-conditioned: weights to ~1e-5
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-4 * np.abs(weight).max())
+    f_hat = m.predict(z_test.astype(np.float64))
+    assert np.mean((f_hat @ w.T + b).argmax(1) == (f_test @ w.T + b).argmax(1)) == 1.0
