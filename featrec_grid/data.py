@@ -110,6 +110,26 @@ def load_dataset(ref: DataRef) -> ImageDataset:
     return dataset
 
 
+def data_fingerprint(ref: DataRef) -> str | None:
+    """sha256 over a folder dataset's files (relative path, size, modification time, sorted): it enters the shard
+    cache key, so adding, removing or rewriting an image makes a rerun extract again. None for the other datasets
+    (their content is fixed by name and split). A missing root is left to load_dataset's message."""
+    if ref.dataset != "folder" or "root" not in ref.options:
+        return None
+    import hashlib
+    import os
+
+    root = _root(ref)
+    digest = hashlib.sha256()
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def digits_split(seed: int = 0, test_fraction: float = 0.3) -> dict[str, np.ndarray]:
     """Row numbers of load_digits in each split: a stratified train/test split, fixed by seed and test fraction."""
     from sklearn.datasets import load_digits

@@ -6,13 +6,18 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import UserError
 from .refs import DataRef, ModelRef
 from .store import Store
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import Classifier
 
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "bf16")  # fp32: plain float32 forward; bf16: torch.autocast(bfloat16) around the backbone
@@ -34,12 +39,24 @@ def shard_key(model: ModelRef, data: DataRef, precision: str = "fp32") -> str:
     of fp32 sets are those from before precision existed and existing stores stay valid; any other precision
     enters the payload, so e.g. bf16 shards never pass for fp32 ones (or the reverse). The data option
     `download` only says how to get the files, not what they hold, so it is left out.
+
+    Content enters too: a local weights file's sha256 (models.weights_fingerprint, in place of the path string, so
+    an overwritten checkpoint or the same relative path from another folder gives another key) and a folder
+    dataset's file list with sizes and times (data.data_fingerprint). Sources with no such file add nothing, so
+    their keys are unchanged.
     """
+    from .data import data_fingerprint
+    from .models import weights_fingerprint
+
+    weights = weights_fingerprint(model)
     payload: dict[str, Any] = {
         "format": FORMAT_VERSION,
-        "model": [model.source, model.architecture, model.weights, model.options],
+        "model": [model.source, model.architecture, weights or model.weights, model.options],
         "data": [data.dataset, data.split, {k: v for k, v in data.options.items() if k != "download"}],
     }
+    files = data_fingerprint(data)
+    if files is not None:
+        payload["data_files"] = files
     if check_precision(precision) != "fp32":
         payload["extraction"] = {"precision": precision}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -48,6 +65,57 @@ def shard_key(model: ModelRef, data: DataRef, precision: str = "fp32") -> str:
 def split_status(store: Store, model: ModelRef, data: DataRef, precision: str = "fp32"):
     """The store's verdict on this (model, split) at this precision: missing, stale, corrupt or complete."""
     return store.check_split(store.split_dir(model.key, data), shard_key(model, data, precision))
+
+
+def check_head(
+    features: torch.Tensor, logits: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *, where: str
+) -> None:
+    """Raise RuntimeError naming `where` unless W f + b reproduces the directly computed logits (scale-relative)."""
+    predicted = features.double() @ W.double().T + b.double()
+    diff = float((predicted - logits.double()).abs().max())
+    tolerance = 1e-3 * (float(logits.double().abs().max()) + 1.0)
+    if not diff <= tolerance:
+        raise RuntimeError(
+            f"{where}: the linear head on the backbone features does not reproduce the model's own logits "
+            f"(max abs difference {diff:.4g} > tolerance {tolerance:.4g}); the backbone/head split is wrong"
+        )
+
+
+CHECK_ROWS = 8  # rows of the first batch run through the original model to check the backbone + head split
+
+
+def extract_batch(
+    clf: Classifier, x: torch.Tensor, *, check: bool | None = None, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backbone pass -> (features [N, D], logits = f W^T + b [N, C]).
+
+    The split is checked against the original model's own forward (clf.model) on the classifier's first batch
+    (check=None), on every batch (check=True) or never (check=False). Works wherever the backbone was moved.
+    precision "bf16" runs the backbone under torch.autocast(x's device type, bfloat16); its features come back
+    as float32 and the head is applied in float32. The split check always compares float32 with float32
+    (recomputing the checked rows without autocast), so bf16 rounding is never mistaken for a wrong split.
+    """
+    import torch
+
+    autocast = check_precision(precision) == "bf16"
+    with torch.no_grad():
+        if autocast:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                features = clf.backbone(x)
+            features = features.float()
+        else:
+            features = clf.backbone(x)
+        W = clf.head_weight.to(features.device, features.dtype)
+        b = clf.head_bias.to(features.device, features.dtype)
+        logits = features @ W.T + b
+        if clf.model is not None and (check or (check is None and not clf.head_checked)):
+            # Eval mode: rows are independent, so a few rows check the split as well as a whole batch.
+            k = CHECK_ROWS
+            checked = clf.backbone(x[:k]) if autocast else features[:k]
+            reference = clf.model.to(x.device)(x[:k])  # parameters are shared with the backbone: no copy
+            check_head(checked, reference, W, b, where=f"model {clf.key}")
+            clf.head_checked = True
+    return features, logits
 
 
 def largest_batch(
@@ -84,8 +152,6 @@ def auto_batch_size(clf: Any, size: int, device: str, precision: str = "fp32", s
     """batch_size="auto": on CUDA the largest power of two <= `start` for which one extraction forward of `clf`
     (already on `device`) on a dummy [n, 3, size, size] channels_last batch fits in memory; CPU_AUTO_BATCH else."""
     import torch
-
-    from .models import extract_batch
 
     if torch.device(device).type != "cuda":
         return CPU_AUTO_BATCH
@@ -131,7 +197,7 @@ def extract_split(
     import torch
 
     from .data import TransformedDataset, load_dataset
-    from .models import extract_batch, input_for, load_classifier
+    from .models import input_for, load_classifier
 
     check_precision(precision)
     _check_batch_size(batch_size)

@@ -7,7 +7,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from . import reduce, runtime
 from .model_table import placeholder_row
 from .plan import Task, check_inputs, plan_grid
 from .spec import GridSpec
-from .store import Store
+from .store import Store, check_output_dir, run_lock
 
 
 @dataclass
@@ -68,7 +69,26 @@ def run_grid(
     t_start = time.perf_counter()
     out_dir = Path(output or spec.output)
     check_inputs(spec)
-    Store(spec.store).check_writable()
+    with _locked(spec, out_dir):
+        return _run_grid(spec, out_dir, address, rebuild, progress, echo, t_start)
+
+
+@contextmanager
+def _locked(spec: GridSpec, out_dir: Path) -> Iterator[None]:
+    """The output folder (and a local store) held by this run alone: a second run on them is refused with one
+    line, so no two runs interleave their writes. Checks both are writable first."""
+    store = Store(spec.store)
+    store.check_writable()
+    check_output_dir(out_dir)
+    with ExitStack() as stack:
+        stack.enter_context(run_lock(out_dir))
+        if store.is_local:
+            stack.enter_context(run_lock(store.full_path("")))
+        yield
+
+
+def _run_grid(spec: GridSpec, out_dir: Path, address: str | None, rebuild: bool, progress: bool,
+              echo: Callable[[str], None], t_start: float) -> GridOutcome:  # fmt: skip
     graph = plan_grid(spec, out_dir, rebuild=rebuild)
     rows: dict[str, dict] = {t.name: t.value for t in graph.of_kind("fit") if t.value is not None}
     heads: dict[str, dict] = {t.meta["model"]: t.value for t in graph.of_kind("head") if t.value is not None}
@@ -148,13 +168,14 @@ def run_layer_cka(spec: GridSpec, *, address: str | None = None, output: str | N
 
     out_dir = Path(output or spec.output)
     check_inputs(spec)
-    graph = plan_layer_cka(spec)
-    with runtime.session(address, spec.resources.num_cpus):
-        run = runtime.execute(graph, progress=progress, desc="layer CKA")
-    reduce.save_tasks(out_dir, "cka", run.table())
-    exports = [run.values[t.name] for t in graph.of_kind("layer_cka") if t.name in run.values]
-    reduce.save_layer_cka(out_dir, exports)
-    return StageOutcome(len(graph.todo()), run.failures, run.user_error, publish(out_dir, spec))
+    with _locked(spec, out_dir):
+        graph = plan_layer_cka(spec)
+        with runtime.session(address, spec.resources.num_cpus):
+            run = runtime.execute(graph, progress=progress, desc="layer CKA")
+        reduce.save_tasks(out_dir, "cka", run.table())
+        exports = [run.values[t.name] for t in graph.of_kind("layer_cka") if t.name in run.values]
+        reduce.save_layer_cka(out_dir, exports)
+        return StageOutcome(len(graph.todo()), run.failures, run.user_error, publish(out_dir, spec))
 
 
 @dataclass
@@ -186,10 +207,11 @@ def run_invert(spec: GridSpec, output: str | Path, progress: bool = True,
 
     t0 = time.perf_counter()
     check_inputs(spec)
-    graph = plan_invert(spec)
-    with runtime.session(address, spec.resources.num_cpus):
-        run = runtime.execute(graph, progress=progress, desc="inversion")
-    reduce.save_tasks(output, "invert", run.table())
+    with _locked(spec, Path(output)):
+        graph = plan_invert(spec)
+        with runtime.session(address, spec.resources.num_cpus):
+            run = runtime.execute(graph, progress=progress, desc="inversion")
+        reduce.save_tasks(output, "invert", run.table())
     merged = Outcome()
     stages = graph.of_kind("invert")
     for task in stages:  # report order, whatever order the tasks ended in

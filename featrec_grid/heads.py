@@ -149,3 +149,36 @@ def head_analysis(
     out.update(data)
     out["reason"] = _reason(c, d, rank, zero_head, data["rowspace_variance"])
     return out
+
+
+def self_pair_exactness(train_logits: ArrayLike, weight: ArrayLike, *, rtol: float | None = None) -> dict:
+    """When "a self pair reaches agreement 1.0 at alpha 0" is guaranteed, for the report's self-pair notes.
+
+    Least squares from z to f on the train rows gives W f^ + b = the projection of a test row's centered logits
+    onto the span of the centered train logits, so the head reproduces every test logit exactly when that span
+    is the whole space logits can move in, the range of W: rank(centered train logits) = rank(W). That
+    needs train rows > rank(W) (centering costs one); with fewer, exact agreement is not guaranteed (it may still
+    happen). Ranks use numpy.linalg.matrix_rank's tolerance unless `rtol` is given. Returns train_rows,
+    train_logit_rank, head_rank, exact (bool) and a one-sentence note.
+    """
+    z = _array("train_logits", train_logits, (None, None), "a 2-D array [N, C] (train rows x classes)")
+    w = _array("weight", weight, (z.shape[1], None), f"a 2-D array [C = {z.shape[1]}, D]")
+    n = len(z)
+    centered = z - z.mean(axis=0)
+    s_z = np.linalg.svd(centered, compute_uv=False)
+    s_w = np.linalg.svd(w, compute_uv=False)
+
+    def rank(s: np.ndarray, shape: tuple[int, int]) -> int:
+        tol = s[0] * (max(shape) * np.finfo(np.float64).eps if rtol is None else rtol) if len(s) else 0.0
+        return int((s > tol).sum()) if len(s) and s[0] > 0 else 0
+
+    train_rank, head_rank = rank(s_z, centered.shape), rank(s_w, w.shape)
+    exact = train_rank >= head_rank
+    if exact:
+        note = (f"exact at alpha 0: the {n:,} train rows' logits span all {head_rank:,} directions the head can "
+                "produce, so the head on the reconstruction reproduces every test logit")  # fmt: skip
+    else:
+        note = (f"not guaranteed at alpha 0: the {n:,} train rows' logits span {train_rank:,} of the head's "
+                f"{head_rank:,} directions (needs more than {head_rank:,} train rows); test logits outside that span "
+                "are projected, so agreement can fall below 1.0")  # fmt: skip
+    return {"train_rows": n, "train_logit_rank": train_rank, "head_rank": head_rank, "exact": exact, "note": note}

@@ -10,13 +10,26 @@ intercept. S_zz depends on the source only: one eigendecomposition serves every 
 (and alpha = 0 becomes the minimum-norm least-squares solution when S_zz is singular). The seed's SGD
 recipe is `fit_sgd`, kept as the reference the closed form is measured against.
 
+At alpha = 0 a direction of the centered logits Zc counts as zero when its singular value is at or below the
+larger of (1) numpy.linalg.lstsq's rule, eps * max(n, C) * s_max (eps = float64 machine epsilon, n rows,
+C logits), and (2) the rounding of the stored logits, u * ||Z||_F (u = 2^-24 for the float32 shards, 2^-53 for
+float64 input; Z uncentered as stored): a direction that small is not in the data, only in its rounding, and
+fitting it amplifies that rounding (Lite0 at 32 px on digits has cond(Zc) = 1.5e9; fitting all 1000 directions
+gave self agreement 0.989 and a worse test MSE, the 271 above the float32 floor give 1.0). For float64 input
+the rule is lstsq's own, and the tests compare with numpy.linalg.lstsq directly. The primal form gets the
+singular values from an R factor of the rows streamed beside S_zz (Moments.r), not from S_zz's eigenvalues,
+whose float64 rounding would hide every direction below sqrt(eps) * s_max. The dual form eigendecomposes the
+n x n kernel: (1) becomes eps * max(n, C) * l_max on its eigenvalues, the kernel's own rounding, so it resolves
+singular values down to sqrt(eps * max(n, C)) * s_max. (An earlier fixed cutoff, eigenvalues below 1e-10 of
+the largest, dropped real directions of ill-conditioned logits, e.g. cond(S_zz) ~ 1e10 on Lite1.)
+
 When a source has fewer rows n than logits C (an ImageNet-21k head has C = 21,843: S_zz is 3.8 GB in
 float64) the same maps come from the dual (kernel) form, `DualSolver`: with centered Zc [n, C] and
 Fc [n, D], K = Zc Zc' [n, n] = U diag(l) U' once per source and, for any target and alpha,
 
     A' = Zc' U diag(1 / (l + alpha)) U' Fc,   c = mean_f - A mean_z
 
-(alpha = 0 drops the eigenvalues at or below rcond * max(l): the minimum-norm least-squares solution,
+(alpha = 0 drops the eigenvalues at or below the cutoff: the minimum-norm least-squares solution,
 pinv(Zc) Fc). The nonzero eigenvalues of K are those of S_zz, so both forms drop the same directions and
 give the same predictions; the dual needs O(n^2 + n*C + n*D) memory and never forms a C x C array.
 """
@@ -47,7 +60,10 @@ class LinearMap:
 class Moments:
     """Streaming count, means and centered cross-scatter sum (x - mx)'(y - my) in float64 (Chan's merge).
 
-    With `y` omitted it accumulates the scatter of x with itself. `syy` is trace((y - my)'(y - my)).
+    With `y` omitted it accumulates the scatter of x with itself, and also `r`, an R factor of the centered rows
+    (sxy = r' r) merged the same way (QR of the stacked factors plus the mean-shift row): its singular values are
+    those of the centered x itself, so small directions are not lost in the rounding of the squared Gram.
+    `syy` is trace((y - my)'(y - my)).
     """
 
     n: int
@@ -55,6 +71,8 @@ class Moments:
     mean_y: np.ndarray
     sxy: np.ndarray
     syy: float = 0.0
+    r: np.ndarray | None = None
+    unit: float = 0.0  # unit roundoff of the stored x (2^-24 for float32 shards), the largest over merged batches
 
     @classmethod
     def empty(cls, dim_x: int, dim_y: int | None = None) -> Moments:
@@ -74,7 +92,9 @@ class Moments:
         xc -= mx
         if not same:
             yc -= my
-        return cls(len(xc), mx, my, xc.T @ yc, float(np.einsum("ij,ij->", yc, yc)))
+        r = np.linalg.qr(xc, mode="r") if same else None
+        syy = float(np.einsum("ij,ij->", yc, yc))
+        return cls(len(xc), mx, my, xc.T @ yc, syy, r, unit_roundoff(np.asarray(x).dtype))
 
     def merge(self, other: Moments) -> Moments:
         if other.n == 0:
@@ -85,12 +105,17 @@ class Moments:
         dx = other.mean_x - self.mean_x
         dy = other.mean_y - self.mean_y
         w = self.n * other.n / n
+        r = None
+        if self.r is not None and other.r is not None:
+            r = np.linalg.qr(np.vstack([self.r, other.r, np.sqrt(w) * dx[None, :]]), mode="r")
         return Moments(
             n,
             self.mean_x + dx * (other.n / n),
             self.mean_y + dy * (other.n / n),
             self.sxy + other.sxy + w * np.outer(dx, dy),
             self.syy + other.syy + w * float(dy @ dy),
+            r,
+            max(self.unit, other.unit),
         )
 
     def update(self, x: np.ndarray, y: np.ndarray | None = None) -> Moments:
@@ -112,14 +137,22 @@ def accumulate(batches: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> Momen
 class RidgeSolver:
     """Ridge/least squares for one source: eigendecompose S_zz once, then solve any target and alpha cheaply."""
 
-    def __init__(self, zz: Moments, rcond: float = 1e-10):
+    def __init__(self, zz: Moments, rcond: float | None = None):
         if zz.n < 2:
             raise ValueError(f"need at least 2 rows to fit a map, got {zz.n}")
         self.n = zz.n
         self.mean_z = zz.mean_x
-        evals, self.evecs = np.linalg.eigh(zz.sxy)
-        self.evals = np.clip(evals, 0.0, None)
-        self.cutoff = rcond * max(float(self.evals.max()), np.finfo(float).tiny)
+        dim = len(zz.mean_x)
+        floor = stored_floor(zz.unit, float(np.trace(zz.sxy)) + zz.n * float(zz.mean_x @ zz.mean_x))
+        if zz.r is not None:  # singular values of the centered rows themselves: numpy lstsq's accuracy and rule
+            _, sv, vt = np.linalg.svd(zz.r, full_matrices=True)
+            self.evecs, self.evals = vt.T, np.zeros(dim)
+            self.evals[: len(sv)] = sv**2
+            self.cutoff = eigen_cutoff(sv, self.n, dim, rcond, floor) ** 2
+        else:
+            evals, self.evecs = np.linalg.eigh(zz.sxy)
+            self.evals = np.clip(evals, 0.0, None)
+            self.cutoff = eigen_cutoff(self.evals, self.n, dim, rcond, floor**2, gram=True)
         self.rank = int((self.evals > self.cutoff).sum())
 
     def solve(self, zf: Moments, alpha: float) -> LinearMap:
@@ -130,6 +163,31 @@ class RidgeSolver:
         coef = self.evecs @ (inv[:, None] * (self.evecs.T @ zf.sxy))  # [C, D]
         weight = coef.T
         return LinearMap(weight, zf.mean_y - weight @ self.mean_z)
+
+
+def unit_roundoff(dtype: np.dtype) -> float:
+    """Half a unit in the last place of a floating dtype (2^-24 for float32); 0 for integers."""
+    return float(np.finfo(dtype).eps) / 2 if np.issubdtype(dtype, np.floating) else 0.0
+
+
+def stored_floor(unit: float, sum_squares: float) -> float:
+    """Singular values of the centered logits at or below unit * ||Z||_F (Z as stored, uncentered) are within the
+    rounding of the stored values themselves: a bound on the Frobenius norm of that rounding."""
+    return unit * float(np.sqrt(max(sum_squares, 0.0)))
+
+
+def eigen_cutoff(
+    values: np.ndarray, rows: int, dim: int, rcond: float | None = None, floor: float = 0.0, gram: bool = False
+) -> float:
+    """Values at or below this count as zero at alpha = 0. With rcond None: the larger of numpy lstsq's
+    eps * max(rows, dim) * the largest value and `floor` (the stored data's rounding, stored_floor; squared by
+    the caller for eigenvalues). Applied to singular values of the rows (primal form, from their R factor) or,
+    with `gram`, to eigenvalues of a float64 Gram (dual form), where eps * max(rows, dim) * the largest
+    eigenvalue is the Gram's own rounding. An explicit rcond means rcond * the largest, nothing else."""
+    top = max(float(np.max(values, initial=0.0)), np.finfo(float).tiny)
+    if rcond is not None:
+        return rcond * top
+    return max(np.finfo(np.float64).eps * max(rows, dim) * top, floor)
 
 
 def spectral_inverse(evals: np.ndarray, alpha: float, cutoff: float) -> np.ndarray:
@@ -177,16 +235,17 @@ class DualSolver:
     the logits again, and `project` the held-out rows' basis that `select_alpha_dual` scores them with.
     """
 
-    def __init__(self, z: np.ndarray, rcond: float = 1e-10):
+    def __init__(self, z: np.ndarray, rcond: float | None = None):
         data = np.array(z, dtype=np.float64)  # one float64 copy [n, C], centered in place, shared by subsets
         if data.ndim != 2:
             raise ValueError(f"logits must be 2-D, got shape {data.shape}")
         mean = data.mean(axis=0) if len(data) else np.zeros(data.shape[1])
         data -= mean
+        self.unit = unit_roundoff(np.asarray(z).dtype)
         self._setup(data, mean, None, data @ data.T, rcond)
 
     def _setup(
-        self, data: np.ndarray, center: np.ndarray, rows: np.ndarray | None, kernel: np.ndarray, rcond: float
+        self, data: np.ndarray, center: np.ndarray, rows: np.ndarray | None, kernel: np.ndarray, rcond: float | None
     ):
         """`data`: all rows read, centered on `center`; this solver's rows are data[rows] (all when None) and
         `kernel` is their Gram after centering them on their own mean."""
@@ -202,7 +261,8 @@ class DualSolver:
             self.mean_z = center + weights @ data  # the subset's mean without gathering its [n, C] rows
         evals, self.evecs = np.linalg.eigh(kernel)
         self.evals = np.clip(evals, 0.0, None)
-        self.cutoff = rcond * max(float(self.evals.max()), np.finfo(float).tiny)
+        floor = stored_floor(self.unit, float(np.trace(kernel)) + self.n * float(self.mean_z @ self.mean_z))
+        self.cutoff = eigen_cutoff(self.evals, self.n, data.shape[1], rcond, floor**2, gram=True)
         self.rank = int((self.evals > self.cutoff).sum())
 
     @property
@@ -234,6 +294,7 @@ class DualSolver:
         kernel -= kernel.mean(axis=0, keepdims=True)  # H K H: the Gram of the rows centered on their own mean
         kernel -= kernel.mean(axis=1, keepdims=True)
         out = DualSolver.__new__(DualSolver)
+        out.unit = self.unit
         out._setup(self._data, self._center, picked, kernel, self.rcond)
         return out
 

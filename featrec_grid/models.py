@@ -10,16 +10,18 @@ import importlib
 import os
 import pickle
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from featrec_grid.errors import UserError
-from featrec_grid.refs import TRANSFORMS, ModelRef
+from featrec_grid.refs import SOURCE_MODULES, TRANSFORMS, ModelRef
 
 if TYPE_CHECKING:
     from featrec_grid.store import Store
@@ -133,88 +135,70 @@ _FAMILIES = (
 )
 
 
+@dataclass(frozen=True)
+class Source:
+    """One model source: `load(ref, store)` -> Classifier; `check(ref)` fails fast on a bad name without loading
+    anything; `weights_file(ref)` is the local file its weights come from (None: none, or pinned elsewhere)."""
+
+    name: str
+    load: Callable[[ModelRef, Store | None], Classifier]
+    check: Callable[[ModelRef], Any] | None = None
+    weights_file: Callable[[ModelRef], Path | None] | None = None
+
+
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(
+    name: str,
+    *,
+    check: Callable[[ModelRef], Any] | None = None,
+    weights_file: Callable[[ModelRef], Path | None] | None = None,
+) -> Callable[[Callable[[ModelRef, Store | None], Classifier]], Callable[[ModelRef, Store | None], Classifier]]:
+    """Decorator registering a loader `(ref, store) -> Classifier` as model source `name` (as timm registers
+    architectures behind create_model). The module that defines it must be named for `name` in refs.SOURCE_MODULES,
+    which is how load_classifier finds it without importing it up front."""
+
+    def register(load: Callable[[ModelRef, Store | None], Classifier]) -> Callable[[ModelRef, Store | None], Classifier]:
+        _SOURCES[name] = Source(name, load, check, weights_file)
+        return load
+
+    return register
+
+
+def source_of(ref: ModelRef) -> Source:
+    """The registered Source of a ref, importing the module refs.SOURCE_MODULES names for it on first use."""
+    if ref.source not in _SOURCES and ref.source in SOURCE_MODULES:
+        importlib.import_module(SOURCE_MODULES[ref.source])
+    if ref.source not in _SOURCES:
+        raise UserError(f"model {ref.key}: source {ref.source!r} is unknown; allowed: {', '.join(SOURCE_MODULES)}")
+    return _SOURCES[ref.source]
+
+
 def load_classifier(ref: ModelRef, store: Store | None = None) -> Classifier:
     """Load the classifier a ModelRef names, split into backbone + linear head; eval mode, CPU, float32."""
-    loaders = {
-        "timm": _load_timm,
-        "torchvision": _load_torchvision,
-        "checkpoint": _load_checkpoint,
-        "lite": _load_lite,
-    }
-    if ref.source == "zoo":
-        from featrec_grid import zoo
-
-        return zoo.load_zoo_classifier(ref, store)
-    if ref.source not in loaders:
-        raise UserError(
-            f"model {ref.key}: source {ref.source!r} is unknown; allowed: {', '.join([*loaders, 'zoo'])}"
-        )
-    return loaders[ref.source](ref)
+    return source_of(ref).load(ref, store)
 
 
 def check_architecture(ref: ModelRef) -> None:
-    """Fail fast with a UserError on a timm or torchvision name, pretrained tag or weights enum that does not exist;
+    """Fail fast with a UserError on an architecture name, pretrained tag or weights enum that does not exist;
     loads and downloads nothing (what `plan` and `run` check before any task starts)."""
-    if ref.source == "timm":
-        _timm_name(ref.architecture, ref)
-    elif ref.source == "torchvision":
-        name = _torchvision_name(ref.architecture, ref)
-        if ref.weights and not _is_path(ref.weights):
-            _torchvision_weights(name, ref.weights, ref)
-    elif ref.source == "checkpoint":
-        lib, _, name = ref.architecture.partition(":")
-        (_timm_name if lib == "timm" else _torchvision_name)(name, ref)
+    check = source_of(ref).check
+    if check is not None:
+        check(ref)
 
 
-def check_head(
-    features: torch.Tensor, logits: torch.Tensor, W: torch.Tensor, b: torch.Tensor, *, where: str
-) -> None:
-    """Raise RuntimeError naming `where` unless W f + b reproduces the directly computed logits (scale-relative)."""
-    predicted = features.double() @ W.double().T + b.double()
-    diff = float((predicted - logits.double()).abs().max())
-    tolerance = 1e-3 * (float(logits.double().abs().max()) + 1.0)
-    if not diff <= tolerance:
-        raise RuntimeError(
-            f"{where}: the linear head on the backbone features does not reproduce the model's own logits "
-            f"(max abs difference {diff:.4g} > tolerance {tolerance:.4g}); the backbone/head split is wrong"
-        )
+def weights_fingerprint(ref: ModelRef) -> str | None:
+    """"sha256:<hex>" of the local weights file a ref loads (a checkpoint, a local file, the Lite package's file),
+    hashed once per process (store.file_sha256); None when no local file decides the weights (random init from a
+    seed, zoo models, torchvision enums whose file is verified against its published hash when loaded).
+    Enters the shard cache key, so overwriting a checkpoint in place makes a rerun recompute. A path that is not a
+    file is a UserError naming it."""
+    from featrec_grid.store import file_sha256
 
-
-CHECK_ROWS = 8  # rows of the first batch run through the original model to check the backbone + head split
-
-
-def extract_batch(
-    clf: Classifier, x: torch.Tensor, *, check: bool | None = None, precision: str = "fp32"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backbone pass -> (features [N, D], logits = f W^T + b [N, C]).
-
-    The split is checked against the original model's own forward (clf.model) on the classifier's first batch
-    (check=None), on every batch (check=True) or never (check=False). Works wherever the backbone was moved.
-    precision "bf16" runs the backbone under torch.autocast(x's device type, bfloat16); its features come back
-    as float32 and the head is applied in float32. The split check always compares float32 with float32
-    (recomputing the checked rows without autocast), so bf16 rounding is never mistaken for a wrong split.
-    """
-    from .extract import check_precision
-
-    autocast = check_precision(precision) == "bf16"
-    with torch.no_grad():
-        if autocast:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                features = clf.backbone(x)
-            features = features.float()
-        else:
-            features = clf.backbone(x)
-        W = clf.head_weight.to(features.device, features.dtype)
-        b = clf.head_bias.to(features.device, features.dtype)
-        logits = features @ W.T + b
-        if clf.model is not None and (check or (check is None and not clf.head_checked)):
-            # Eval mode: rows are independent, so a few rows check the split as well as a whole batch.
-            k = CHECK_ROWS
-            checked = clf.backbone(x[:k]) if autocast else features[:k]
-            reference = clf.model.to(x.device)(x[:k])  # parameters are shared with the backbone: no copy
-            check_head(checked, reference, W, b, where=f"model {clf.key}")
-            clf.head_checked = True
-    return features, logits
+    locate = source_of(ref).weights_file
+    path = locate(ref) if locate is not None else None
+    return None if path is None else f"sha256:{file_sha256(_require_file(str(path), ref))}"
 
 
 def family_of(architecture: str) -> str:
@@ -241,15 +225,22 @@ def state_digest(module: nn.Module) -> str:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file or a torch checkpoint (weights_only), unwrapped from common containers."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"weights file {path} is a directory; name the .safetensors/.pth file inside it")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError for unreadable files)
+            raise UserError(f"weights file {path} is not a readable .safetensors file ({load_reason(err)})") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise UserError(f"weights file {path} is not a readable torch state dict ({err})") from err
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, TypeError) as err:
+            raise UserError(
+                f"weights file {path} is not a torch state dict that loads with weights_only=True ({load_reason(err)})"
+            ) from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -257,6 +248,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_reason(err: BaseException) -> str:
+    """One line saying why a weights file did not load: the unpickler's own reason out of torch's (or timm's)
+    multi-line weights_only message, never their advice to retry with weights_only=False."""
+    text = " ".join(str(err).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    sentences = [part.strip() for part in re.split(r"(?<=[.:])\s+", text) if part.strip()]
+    kept = [part for part in sentences if "weights_only=False" not in part and "False`" not in part]
+    return kept[0].rstrip(".:") if kept else type(err).__name__
 
 
 def split_timm(model: nn.Module, where: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -354,12 +356,22 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def _require_file(path: str, ref: ModelRef) -> Path:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(
+            f"model {ref.key}: weights {p} is a directory, not a file (weights for source {ref.source} are "
+            f"{_WEIGHTS_ALLOWED[ref.source]})"
+        )
     if not p.is_file():
         raise UserError(
             f"model {ref.key}: weights file {p} does not exist (weights for source {ref.source} are "
             f"{_WEIGHTS_ALLOWED[ref.source]})"
         )
     return p
+
+
+def _local_weights(ref: ModelRef) -> Path | None:
+    """The local file a timm or torchvision ref's `weights:` names, if it names one."""
+    return Path(ref.weights).expanduser() if ref.weights and _is_path(ref.weights) else None
 
 
 def _is_path(weights: str) -> bool:
@@ -420,6 +432,7 @@ def _timm_kwargs(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def _create_timm(ref: ModelRef, name: str, weights: str | None) -> tuple[nn.Module, str]:
     """timm.create_model with timm's own weight mechanism; returns the model and its weights digest."""
     import timm
+    from safetensors import SafetensorError
 
     kwargs = _timm_kwargs(name, ref.options)
     seed = int(ref.options.get("seed", 0))
@@ -439,14 +452,15 @@ def _create_timm(ref: ModelRef, name: str, weights: str | None) -> tuple[nn.Modu
                 model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except UserError:
         raise
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
         raise UserError(
-            f"model {ref.key}: could not load weights {weights!r} for timm {name}: {err}"
-        ) from err
+            f"model {ref.key}: could not load weights {weights!r} for timm {name}: {load_reason(err)}"
+        ) from None
     return model, state_digest(model)
 
 
-def _load_timm(ref: ModelRef) -> Classifier:
+@register_source("timm", check=lambda ref: _timm_name(ref.architecture, ref), weights_file=_local_weights)
+def _load_timm(ref: ModelRef, store: Store | None = None) -> Classifier:
     name = _timm_name(ref.architecture, ref)
     model, digest = _create_timm(ref, name, ref.weights)
     return _timm_classifier(ref, model, digest, pretrained=ref.weights is not None)
@@ -555,16 +569,85 @@ def _torchvision_model(ref: ModelRef, name: str, weights: str | None) -> tuple[n
         _load_strict(model, read_state_dict(path), ref, path)
         return model, state_digest(model), None
     enum = _torchvision_weights(name, weights, ref)
+    path = torchvision_weights_file(enum, ref)
     try:
-        model = get_model(name, weights=enum, **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+        with _hub_loads_only(enum, path):
+            model = get_model(name, weights=enum, **kwargs)
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise UserError(
-            f"model {ref.key}: could not load torchvision weights {enum} for {name}: {err}"
-        ) from err
+            f"model {ref.key}: could not load torchvision weights {enum} for {name} from {path}: {load_reason(err)}"
+        ) from None
     return model, state_digest(model), enum
 
 
-def _load_torchvision(ref: ModelRef) -> Classifier:
+def torchvision_weights_file(enum: Any, ref: ModelRef) -> Path:
+    """The local file of a torchvision weights enum in torch hub's cache ($TORCH_HOME/hub/checkpoints), downloaded
+    when absent. Cached or just downloaded, its sha256 must start with the hash prefix torchvision publishes in the
+    file name (resnet18-f37072fd.pth); torch hub itself checks that only while downloading."""
+    import torch.hub
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(enum.url).path)
+    match = torch.hub.HASH_REGEX.search(path.name)
+    prefix = match.group(1) if match else ""
+    if path.is_dir():
+        raise UserError(f"model {ref.key}: torchvision weights cache {path} is a directory; remove it")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(enum.url, str(path), prefix or None, progress=False)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise UserError(
+                f"model {ref.key}: could not download {enum.url} to {path} ({load_reason(err)}); "
+                "check the network or place the file there"
+            ) from None
+    from featrec_grid.store import file_sha256
+
+    digest = file_sha256(path)
+    if not digest.startswith(prefix):
+        raise UserError(
+            f"model {ref.key}: torchvision weights file {path} has sha256 {digest[:12]}..., but the published file's "
+            f"starts with {prefix}; it is damaged or not torchvision's file: delete it to download it again"
+        )
+    return path
+
+
+_HUB_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _hub_loads_only(enum: Any, path: Path) -> Iterator[None]:
+    """While torchvision's builder runs, its weights come from `path` through read_state_dict (weights_only=True).
+
+    torchvision's WeightsEnum.get_state_dict goes through torch.hub's load_state_dict_from_url, which unpickles
+    with weights_only=False and skips the hash of a cached file; torchvision offers no hook for either, so the one
+    name its _api module calls is swapped for the duration (under a lock) and every other builder step
+    (num_classes, transform_input, DenseNet's key renames) stays torchvision's own."""
+    import torchvision.models._api as api
+
+    def load(url: str, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        if url != enum.url:
+            raise RuntimeError(f"torchvision asked for {url}, expected {enum.url}")
+        return read_state_dict(path)
+
+    with _HUB_LOCK:
+        real = api.load_state_dict_from_url
+        api.load_state_dict_from_url = load
+        try:
+            yield
+        finally:
+            api.load_state_dict_from_url = real
+
+
+def _check_torchvision(ref: ModelRef) -> None:
+    name = _torchvision_name(ref.architecture, ref)
+    if ref.weights and not _is_path(ref.weights):
+        _torchvision_weights(name, ref.weights, ref)
+
+
+@register_source("torchvision", check=_check_torchvision, weights_file=_local_weights)
+def _load_torchvision(ref: ModelRef, store: Store | None = None) -> Classifier:
     name = _torchvision_name(ref.architecture, ref)
     model, digest, enum = _torchvision_model(ref, name, ref.weights)
     return _torchvision_classifier(ref, name, model, digest, enum, pretrained=ref.weights is not None)
@@ -606,7 +689,15 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], ref: ModelRef
     model.load_state_dict(state, strict=True)
 
 
-def _load_checkpoint(ref: ModelRef) -> Classifier:
+def _check_checkpoint(ref: ModelRef) -> None:
+    lib, _, name = ref.architecture.partition(":")
+    (_timm_name if lib == "timm" else _torchvision_name)(name, ref)
+
+
+@register_source(
+    "checkpoint", check=_check_checkpoint, weights_file=lambda ref: Path(ref.weights).expanduser() if ref.weights else None
+)
+def _load_checkpoint(ref: ModelRef, store: Store | None = None) -> Classifier:
     lib, sep, name = ref.architecture.partition(":")
     if not sep or lib not in ("timm", "torchvision"):
         raise UserError(
@@ -661,15 +752,27 @@ def map_lite_state(
     return mapped
 
 
-def _load_lite(ref: ModelRef) -> Classifier:
+def _lite_file(ref: ModelRef) -> Path:
+    """The Lite weights a ref loads: the pip package's file by default, else the local file it names."""
+    if ref.weights in (None, "pretrained"):
+        return lite_weights_file(ref.architecture)
+    return Path(ref.weights).expanduser()
+
+
+def _check_lite(ref: ModelRef) -> None:
+    if ref.architecture not in LITE_NAMES:
+        raise UserError(
+            f"model {ref.key}: lite architecture {ref.architecture!r} is unknown; allowed: {', '.join(LITE_NAMES)}"
+        )
+
+
+@register_source("lite", check=_check_lite, weights_file=_lite_file)
+def _load_lite(ref: ModelRef, store: Store | None = None) -> Classifier:
     import timm
 
     name = ref.architecture
-    if name not in LITE_NAMES:
-        raise UserError(
-            f"model {ref.key}: lite architecture {name!r} is unknown; allowed: {', '.join(LITE_NAMES)}"
-        )
-    path = lite_weights_file(name) if ref.weights in (None, "pretrained") else _require_file(ref.weights, ref)
+    _check_lite(ref)
+    path = _require_file(str(_lite_file(ref)), ref)
     with _seeded(0):
         model = timm.create_model(name, pretrained=False)
     where = f"model {ref.key} ({name} from {path})"

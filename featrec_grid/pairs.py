@@ -401,7 +401,15 @@ def model_cka(store: Store, models: list[str], test: DataRef, column: str, max_r
     """Linear CKA between every two models' `column` (features or logits) on the first `max_rows` test rows."""
     from .cka import cka_matrix
 
-    reps = [store.read_split(store.split_dir(m, test), columns=[column])[column][:max_rows] for m in models]
+    splits = [store.read_split(store.split_dir(m, test), columns=["index", column]) for m in models]
+    for m, split in zip(models[1:], splits[1:], strict=True):
+        n = min(len(splits[0]["index"]), len(split["index"]), max_rows)
+        if not np.array_equal(splits[0]["index"][:n], split["index"][:n]):
+            raise ValueError(
+                f"models {models[0]} and {m} hold different {test.key}/{test.split} rows (row ids differ in the first "
+                f"{n}); CKA pairs rows by position: re-extract with --rebuild"
+            )
+    reps = [split[column][:max_rows] for split in splits]
     return {
         "models": list(models),
         "column": column,

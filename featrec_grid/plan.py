@@ -200,22 +200,20 @@ def check_inputs(spec: GridSpec) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ shared pieces
-def _zoo_stored(ref: ModelRef, store: Store) -> bool:
-    from .zoo import cache_dir
+def _train_zoo(graph: Graph, spec: GridSpec, store: Store, model: str, rebuild: bool = False) -> list[str]:
+    """The train_zoo task a task loading `model` must wait for (planned once; cached when the store holds it intact,
+    to do when it is missing or damaged, or with `rebuild`)."""
+    from .zoo import is_cached
 
-    return store.exists(f"{cache_dir(ref)}/info.json")
-
-
-def _train_zoo(graph: Graph, spec: GridSpec, store: Store, model: str) -> list[str]:
-    """The train_zoo task a task loading `model` must wait for (planned once; cached when the store holds it)."""
     ref = spec.models[model]
     if ref.source != "zoo":
         return []
     name = f"train_zoo {model}"
     if graph.get(name) is None:
-        graph.add(Task(name, "train_zoo", "featrec_grid.zoo:ensure_trained", (ref, store), cpus=1.0,
-                       gpus=spec.resources.gpus_per_extract, retries=spec.resources.max_retries,
-                       status=CACHED if _zoo_stored(ref, store) else TODO, meta={"model": model}))  # fmt: skip
+        cached = not rebuild and is_cached(ref, store)
+        graph.add(Task(name, "train_zoo", "featrec_grid.zoo:ensure_trained", (ref, store), {"rebuild": rebuild},
+                       cpus=1.0, gpus=spec.resources.gpus_per_extract, retries=spec.resources.max_retries,
+                       status=CACHED if cached else TODO, meta={"model": model}))  # fmt: skip
     return [name]
 
 
@@ -234,7 +232,7 @@ def _extract(graph: Graph, spec: GridSpec, store: Store, model: str, data: DataR
         if state.state == "corrupt":
             raise UserError(f"corrupt shard set at {store.full_path(rel)}: {state.reason}; rerun with --rebuild")
         status = CACHED if state.state == "complete" else TODO
-    deps = _train_zoo(graph, spec, store, model) if status == TODO else []
+    deps = _train_zoo(graph, spec, store, model, rebuild) if status == TODO else []
     r = spec.resources
     graph.add(Task(name, "extract", "featrec_grid.extract:extract_split", (ref, data, store),
                    {"batch_size": r.batch_size, "rows_per_shard": r.rows_per_shard, "precision": r.precision,

@@ -7,8 +7,6 @@ run keeps its work and a rerun reuses it when the pair's key (inputs and fit set
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pandas as pd
 import yaml
 
 from .metrics import INTERVAL_METRICS
+from .store import payload_digest, write_atomic
 
 RESULT_COLUMNS = [
     "setting", "mode", "source", "target", "train_dataset", "train_split", "test_dataset", "test_split", "method", "alpha",
@@ -28,38 +27,33 @@ PAIR_KEYS = ["setting", "mode", "source", "target", "method"]  # one results row
 DETAILS = "pair_details"  # <output>/pair_details.parquet: PAIR_KEYS + `detail` (JSON): drill-down data, replicates
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def pair_path(output: Path, setting: str, mode: str, source: str, target: str, method: str) -> Path:
     return Path(output) / "pairs" / f"{setting}__{mode}__{source}__{target}__{method}.json"
 
 
+DIGEST = "sha256"  # field of a keyed JSON: payload_digest of its value, so an edited or mistyped file is recomputed
+
+
 def save_keyed(path: Path, value: dict[str, Any], key: str) -> None:
     """Persist one finished result (a flat JSON object, readable without this package) with the key of the inputs
-    it was computed from, atomically."""
-    write_atomic(path, json.dumps({"key": key, **value}, default=_json_default, indent=1).encode())
+    it was computed from and a checksum of its value, atomically."""
+    if "key" in value or DIGEST in value:
+        raise ValueError(f"a keyed result cannot hold the fields 'key' or {DIGEST!r}")
+    body = {"key": key, DIGEST: payload_digest(value), **value}
+    write_atomic(path, json.dumps(body, default=_json_default, indent=1).encode())
 
 
 def load_keyed(path: Path, key: str) -> dict[str, Any] | None:
-    """A stored result if it exists, parses and was computed under `key`; otherwise None (recompute)."""
+    """A stored result if it exists, parses, was computed under `key` and its value matches its checksum;
+    otherwise None (recompute): a stale, edited, mistyped, truncated or pre-checksum file is never trusted."""
     try:
         saved = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(saved, dict) or saved.pop("key", None) != key:
+        return None
+    digest = saved.pop(DIGEST, None)
+    if not isinstance(digest, str) or digest != payload_digest(saved):
         return None
     return saved
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MODEL_SOURCES = ("timm", "torchvision", "checkpoint", "zoo", "lite")
+# The source table: each model source and the module whose @register_source loader serves it. models.py imports
+# the module named here the first time a source is used, so it never imports zoo (or any later source) itself.
+SOURCE_MODULES = {
+    "timm": "featrec_grid.models",
+    "torchvision": "featrec_grid.models",
+    "checkpoint": "featrec_grid.models",
+    "zoo": "featrec_grid.zoo",
+    "lite": "featrec_grid.models",
+}
+MODEL_SOURCES = tuple(SOURCE_MODULES)
 DATASETS = ("digits", "cifar10", "cifar100", "places365", "folder")
 TRANSFORMS = ("model", "seed")  # data option `transform`: each model's own preprocessing, or the seed's
 

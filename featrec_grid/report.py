@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from html import escape
@@ -37,6 +36,7 @@ from .figures import (
     self_bars,
 )
 from .report_js import CSS, JS
+from .store import write_atomic
 
 __all__ = ["Download", "Section", "model_order", "plotly_text", "table_html", "write_report"]
 
@@ -530,16 +530,5 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode("utf-8"))  # the package's one writer (store.py): umask-respecting permissions
     return path

@@ -33,6 +33,7 @@ COLUMNS = ("index", "label", "logits", "features")
 SPLIT_STATES = ("missing", "complete", "corrupt", "stale")
 DEFAULT_MAX_SHARD_BYTES = 256 << 20
 _REQUIRED_META = ("key", "model", "dataset", "split")
+META_DIGEST = "meta_sha256"  # manifest field: payload_digest of every other field, so edited metadata is caught
 _PART_RE = re.compile(r"part-\d{5,}\.arrow")
 _HASH_CHUNK = 8 << 20
 
@@ -139,8 +140,8 @@ class Store:
         try:
             self.write_bytes(rel, b"featrec-grid write probe")
             self.fs.delete_file(self._path(rel))
-        except OSError as err:
-            raise UserError(f"store {self.uri} is not writable: {err}") from None
+        except (OSError, UserError) as err:
+            raise UserError(f"store {self.uri} is not writable: {_one_line(err)}") from None
 
     def read_bytes(self, rel: str) -> bytes:
         """Read a whole file; a missing file is a UserError naming its full location."""
@@ -249,6 +250,7 @@ class Store:
                     "bytes": len(head_bytes),
                 },
             }
+            manifest[META_DIGEST] = payload_digest(manifest)
             self.write_json(f"{rel_dir}/{MANIFEST}", manifest)
         except BaseException:
             for rel in written:  # best effort: leave no orphans of this attempt behind
@@ -289,6 +291,16 @@ class Store:
                 "stale",
                 f"{self.full_path(mrel)} has format {manifest.get('format')!r}, expected {FORMAT!r}",
                 manifest,
+            )
+        if META_DIGEST not in manifest:
+            return SplitStatus(
+                "stale", f"{self.full_path(mrel)} has no {META_DIGEST} (written before manifests were checksummed)",
+                manifest,
+            )
+        recorded = manifest[META_DIGEST]
+        if recorded != payload_digest({k: v for k, v in manifest.items() if k != META_DIGEST}):
+            return SplitStatus(
+                "corrupt", f"{self.full_path(mrel)}: its contents do not match its {META_DIGEST} (edited?)", manifest
             )
         if manifest.get("key") != key:
             return SplitStatus(
@@ -367,38 +379,9 @@ class Store:
     # --------------------------------------------------------------------------------------- internals
     @contextlib.contextmanager
     def _atomic_output(self, rel: str) -> Iterator[pa.NativeFile]:
-        """An output stream whose file appears complete or not at all."""
-        path = self._path(_clean_rel(rel))
-        if not self.is_local:
-            # One object: invisible until the PUT (or multipart completion) succeeds. pyarrow commits on
-            # close and has no abort, so on error delete whatever the close may have committed.
-            out = self.fs.open_output_stream(path)
-            try:
-                yield out
-                out.close()
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    out.close()
-                with contextlib.suppress(OSError):
-                    self.fs.delete_file(path)
-                raise
-            return
-        parent, name = posixpath.split(path)
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-        out = self.fs.open_output_stream(tmp)
-        try:
+        """An output stream whose file appears complete or not at all (see atomic_output)."""
+        with atomic_output(self._path(_clean_rel(rel)), self.fs, where=self.full_path(rel)) as out:
             yield out
-            out.close()
-            _fsync(tmp)
-            self.fs.move(tmp, path)  # rename(2): replaces atomically
-            _fsync(parent)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                out.close()
-            with contextlib.suppress(OSError):
-                self.fs.delete_file(tmp)
-            raise
 
     def _write_shard(
         self, rel_dir: str, number: int, shard: _ShardBuffer, written: list[str]
@@ -659,6 +642,8 @@ def _parse_uri(uri: str, options: dict[str, Any]) -> tuple[str, str, dict[str, A
         return scheme, os.path.abspath(os.path.expanduser(location)), {}
     if scheme == "s3":
         options = _s3_options(options, bucket=location.split("/")[0])
+    if scheme == "gs":
+        options = _gcs_options(options, uri)
     return scheme, location, options
 
 
@@ -698,11 +683,59 @@ def _s3_options(options: dict[str, Any], bucket: str) -> dict[str, Any]:
     return resolved
 
 
+GCS_RETRY_SECONDS = 15  # how long the GCS client retries a failing request before giving up (its default: 15 min)
+_GCS_CREDENTIAL_OPTIONS = ("anonymous", "access_token", "target_service_account")
+
+
+def _on_gce() -> bool:
+    """True on a Google Compute Engine VM (its metadata server then provides credentials); read from the DMI
+    product name, as google-auth does, without any network request."""
+    try:
+        with open("/sys/class/dmi/id/product_name") as f:
+            return f.read().strip().startswith("Google")
+    except OSError:
+        return False
+
+
+def _gcs_options(options: dict[str, Any], uri: str) -> dict[str, Any]:
+    """GcsFileSystem keywords with a bounded retry time; credentials are looked for before any network request.
+
+    Without credentials the GCS client would ask the GCE metadata server and retry for minutes, so a store whose
+    credentials cannot be found anywhere (storage_options, GOOGLE_APPLICATION_CREDENTIALS, gcloud's application
+    default credentials, a GCE VM) is refused at once.
+    """
+    import datetime
+
+    resolved = dict(options)
+    limit = resolved.get("retry_time_limit", GCS_RETRY_SECONDS)
+    if isinstance(limit, int | float) and not isinstance(limit, bool):
+        resolved["retry_time_limit"] = datetime.timedelta(seconds=float(limit))
+    if any(resolved.get(k) for k in _GCS_CREDENTIAL_OPTIONS):
+        return resolved
+    env = os.environ
+    config = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+    found = (
+        env.get("GOOGLE_APPLICATION_CREDENTIALS")
+        or os.path.isfile(os.path.join(config, "application_default_credentials.json"))
+        or env.get("GCE_METADATA_HOST")
+        or _on_gce()
+    )
+    if not found:
+        raise UserError(
+            f"store {uri!r}: no Google Cloud credentials found; set GOOGLE_APPLICATION_CREDENTIALS to a key file, "
+            "run `gcloud auth application-default login`, or pass storage_options {anonymous: true} for a public bucket"
+        )
+    return resolved
+
+
 def _make_fs(scheme: str, root: str, options: dict[str, Any]) -> pafs.FileSystem:
     if scheme == "local":
         return pafs.LocalFileSystem()
     if scheme == "gs":
-        return pafs.GcsFileSystem(**options)
+        try:
+            return pafs.GcsFileSystem(**options)
+        except TypeError as e:
+            raise UserError(f"gs://{root}: bad storage_options ({e})") from e
     try:
         return pafs.S3FileSystem(**options)
     except TypeError as e:
@@ -723,6 +756,163 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic | np.ndarray):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# ------------------------------------------------------------------------------ the package's one writer
+def _local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _open_output(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
+    """The raw output stream of one file (new files get 0666 minus the umask, as any program's would)."""
+    return fs.open_output_stream(path)
+
+
+def _one_line(err: BaseException) -> str:
+    """An OSError's reason on one line (strerror when set), any other error's first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def atomic_output(
+    path: str | os.PathLike[str], fs: pafs.FileSystem | None = None, *, where: str | None = None
+) -> Iterator[pa.NativeFile]:
+    """A stream whose file appears complete or not at all; the one atomic writer of the package.
+
+    Local paths: a temporary file beside `path` (mode 0666 minus the umask), fsync, rename(2), fsync of the
+    folder. Object stores: one object, invisible until its upload completes, deleted again on error. An OSError
+    (a full disk, no permission, ...) leaves nothing at `path` and becomes a one-line UserError naming
+    `where` (default: the path); earlier content of `path` stays as it was.
+    """
+    fs = fs or pafs.LocalFileSystem()
+    path = os.fspath(path)
+    where = where or path
+    try:
+        if not _local(fs):
+            # pyarrow commits on close and has no abort, so on error delete whatever the close may have committed.
+            out = _open_output(fs, path)
+            try:
+                yield out
+                out.close()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    out.close()
+                with contextlib.suppress(OSError):
+                    fs.delete_file(path)
+                raise
+            return
+        path = os.path.abspath(path)
+        parent, name = os.path.split(path)
+        fs.create_dir(parent, recursive=True)
+        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        out = _open_output(fs, tmp)
+        try:
+            yield out
+            out.close()
+            _fsync(tmp)
+            fs.move(tmp, path)  # rename(2): replaces atomically
+            _fsync(parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                out.close()
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+            raise
+    except OSError as err:
+        raise UserError(f"cannot write {where}: {_one_line(err)}; nothing was written there") from None
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, fs: pafs.FileSystem | None = None) -> None:
+    """Write a whole file atomically (atomic_output); the outputs folder, report and store all write this way."""
+    with atomic_output(path, fs) as out:
+        out.write(data)
+
+
+def check_output_dir(path: str | os.PathLike[str]) -> None:
+    """Create an output folder and write and delete a probe file in it, so that an output that cannot be written
+    fails before any work starts (UserError naming the folder and why)."""
+    folder = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    probe = os.path.join(folder, f".probe-{uuid.uuid4().hex}")
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"output {folder} is not a folder (a file is in the way)")
+        write_atomic(probe, b"featrec-grid write probe")
+        os.remove(probe)
+    except (OSError, UserError) as err:
+        if isinstance(err, UserError) and str(err).startswith("output "):
+            raise
+        raise UserError(f"output {folder} cannot be written: {_one_line(err)}") from None
+
+
+LOCK_FILE = ".featrec-grid.lock"
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on a local folder (an output, or a local store) for as long as the block runs.
+
+    A second run on the same folder is refused at once with a UserError naming the folder and the holder's pid.
+    flock(2) is released by the kernel when the holder exits, even on SIGKILL, so a crash leaves no stale lock.
+    """
+    import fcntl
+
+    folder = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UserError(f"cannot lock {folder}: {_one_line(err)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(
+                f"{folder} is in use by another featrec-grid run (pid {holder}); wait for it to finish, "
+                "or give this run another output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def payload_digest(obj: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no spaces), as it reads back after a JSON round trip;
+    stored beside cached results so that an edited or mistyped value is found and recomputed."""
+    canonical = json.loads(json.dumps(obj, default=_json_default))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_FILE_DIGESTS: dict[tuple, str] = {}
+_RACY_SECONDS = 2.0  # a file modified this recently is hashed again on every call (its mtime may not move)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a local file's content, hashed once per process while its (size, mtime, inode) stay the same.
+
+    A file changed less than _RACY_SECONDS before it was hashed is not remembered: timestamps move in clock
+    ticks, so an in-place rewrite within one tick could otherwise keep an old digest (git's "racy" rule).
+    """
+    import time
+
+    real = os.path.realpath(os.fspath(path))
+    st = os.stat(real)
+    stamp = (real, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if stamp in _FILE_DIGESTS:
+        return _FILE_DIGESTS[stamp]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if time.time() - st.st_mtime_ns / 1e9 > _RACY_SECONDS:
+        _FILE_DIGESTS[stamp] = value
+    return value
 
 
 def load_split(

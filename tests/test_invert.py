@@ -393,9 +393,7 @@ def test_device_parameter_on_cpu(mlp, digits):
     z = embed(mlp, xtr[:64])[0]
     cfg = DecoderConfig(epochs=1, channels=8)
     a = fit_decoder(z, xtr[:64], "standardised", cfg, device="cpu")
-    b = fit_decoder(z, xtr[:64], "standardised", cfg)
-    assert a.device.type == "cpu" and a.info["device"] == "cpu"
-    torch.testing.assert_close(a.decode(z[:5]), b.decode(z[:5]))  # seeded: same training either way
+    assert a.device.type == "cpu" and a.info["device"] == "cpu" and a.decode(z[:5]).device.type == "cpu"
 
 
 def test_stage_models_load_only_what_a_stage_uses(mlp, cnn):

@@ -48,24 +48,30 @@ def test_cka_command_against_direct_minibatch_hsic(tmp_path):
     got = np.array(export["CKA"])
     assert got.shape == (len(export["model1_layers"]), len(export["model2_layers"]))
     assert np.isfinite(got).all()
-    # Independent: capture the two named layers with our own hooks, unbiased HSIC per batch in float64.
+    # Independent: capture every named layer with our own hooks, unbiased HSIC per batch in float64, the whole matrix.
     spec = load_spec(path)
     store = Store(spec.store)
     acts = {}
-    for key, layer in (("mlp", export["model1_layers"][-1]), ("cnn", export["model2_layers"][-1])):
+    for key, layers in (("mlp", export["model1_layers"]), ("cnn", export["model2_layers"])):
         clf = load_classifier(spec.models[key], store)
-        module = dict(clf.model.named_modules())[layer]
+        modules = dict(clf.model.named_modules())
         data = TransformedDataset(load_dataset(spec.test), clf.input.transform())
-        outs = []
-        handle = module.register_forward_hook(lambda m, i, o, outs=outs: outs.append(o.detach().flatten(1).double()))
+        outs = {layer: [] for layer in layers}
+        handles = [modules[layer].register_forward_hook(lambda m, i, o, out=outs[layer]: out.append(o.detach().flatten(1).double()))
+                   for layer in layers]  # fmt: skip
         with torch.no_grad():
             for start in (0, 32, 64):
                 clf.model(torch.stack([data[i][0] for i in range(start, start + 32)]))
-        handle.remove()
-        acts[key] = [o.numpy() for o in outs]
-    kl = kk = ll = 0.0
-    for x, y in zip(acts["mlp"], acts["cnn"], strict=True):
-        k, l_ = x @ x.T, y @ y.T
-        kl, kk, ll = kl + _unbiased_hsic(k, l_), kk + _unbiased_hsic(k, k), ll + _unbiased_hsic(l_, l_)
-    assert got[-1, -1] == pytest.approx(kl / np.sqrt(kk * ll), abs=1e-6)
+        for handle in handles:
+            handle.remove()
+        acts[key] = [[o.numpy() for o in outs[layer]] for layer in layers]
+    grams = {key: [[x @ x.T for x in batches] for batches in per_layer] for key, per_layer in acts.items()}
+    expected = np.zeros_like(got)
+    for i, ks in enumerate(grams["mlp"]):
+        for j, ls in enumerate(grams["cnn"]):
+            kl = sum(_unbiased_hsic(k, l_) for k, l_ in zip(ks, ls, strict=True))
+            kk = sum(_unbiased_hsic(k, k) for k in ks)
+            ll = sum(_unbiased_hsic(l_, l_) for l_ in ls)
+            expected[i, j] = kl / np.sqrt(kk * ll)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert "Layer-wise CKA" in (tmp_path / "out" / "index.html").read_text()

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from featrec_grid.linmap import LinearMap, Moments, RidgeSolver, accumulate, fit_sgd, select_alpha, sse
+from featrec_grid.linmap import (
+    DualSolver,
+    LinearMap,
+    Moments,
+    RidgeSolver,
+    accumulate,
+    fit_sgd,
+    select_alpha,
+    sse,
+)
 
 
 def _data(n=600, c=12, d=7, seed=0, noise=0.1):
@@ -85,14 +94,28 @@ def test_select_alpha_picks_validation_minimum():
     assert best > 0  # overfitting at alpha 0 with 60 inputs and 80 rows
 
 
-def test_sgd_recipe_is_worse_or_equal_to_closed_form():
-    z, f = _data(n=512, seed=5)
-    closed = RidgeSolver(Moments.of(z)).solve(Moments.of(z, f), 0.0)
-    sgd = fit_sgd(z / 10, f, epochs=5, lr=0.01)  # scaled input keeps the seed's recipe stable here
-    err_closed = np.mean((closed.predict(z) - f) ** 2)
-    err_sgd = np.mean((sgd.predict(z / 10) - f) ** 2)
-    assert err_closed <= err_sgd
-    assert sgd.weight.shape == closed.weight.shape
+def test_sgd_recipe_equals_a_numpy_momentum_sgd_loop():
+    """The seed's recipe (Linear init under the seed, MSE, SGD with momentum, batches in data order) against the
+    same updates written out in numpy float64: v = momentum v + grad, w -= lr v, grad of the mean squared error."""
+    import torch
+
+    z, f = _data(n=300, c=6, d=3, seed=5)
+    z, f = z / 10, f / 10  # keeps lr 0.05 stable
+    epochs, lr, momentum, batch = 3, 0.05, 0.9, 64
+    got = fit_sgd(z, f, epochs=epochs, lr=lr, momentum=momentum, batch_size=batch, seed=7)
+    torch.manual_seed(7)
+    init = torch.nn.Linear(6, 3)
+    w, b = init.weight.detach().double().numpy().copy(), init.bias.detach().double().numpy().copy()
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    z64, f64 = z.astype(np.float64), f.astype(np.float64)
+    for _ in range(epochs):
+        for start in range(0, len(z64), batch):
+            zb, fb = z64[start : start + batch], f64[start : start + batch]
+            r = (zb @ w.T + b - fb) * (2.0 / fb.size)
+            vw, vb = momentum * vw + r.T @ zb, momentum * vb + r.sum(0)
+            w, b = w - lr * vw, b - lr * vb
+    np.testing.assert_allclose(got.weight, w, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.bias, b, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ dual form
@@ -126,3 +149,100 @@ def test_select_alpha_dual_equals_select_alpha():
     assert best == ref_best
     for a in alphas:
         assert scores[a] == pytest.approx(ref[a], rel=1e-8)
+
+
+def _ill_conditioned(n, c, d, seed, smallest):
+    """Logits with centered singular values from 1 down to `smallest` (cond(S_zz) = smallest**-2), an offset,
+    and features linear in them plus noise: the centered design is exactly U diag(s) V'."""
+    rng = np.random.default_rng(seed)
+    raw = rng.standard_normal((n, min(n - 1, c)))
+    raw -= raw.mean(0)  # columns orthogonal to the ones vector: centering leaves them as they are
+    u = np.linalg.qr(raw)[0]
+    v = np.linalg.qr(rng.standard_normal((c, c)))[0][:, : u.shape[1]]
+    s = np.logspace(0, np.log10(smallest), u.shape[1]) * 30.0
+    z = (u * s) @ v.T + rng.standard_normal(c) * 4.0
+    f = z @ rng.standard_normal((c, d)) + 0.1 * rng.standard_normal((n, d)) + 1.0
+    return z, f
+
+
+def _lstsq(z, f):
+    """numpy's own minimum-norm least squares with an intercept column, its default rcond."""
+    x = np.hstack([z, np.ones((len(z), 1))])
+    coef = np.linalg.lstsq(x, f, rcond=None)[0]
+    return coef[:-1].T, coef[-1]
+
+
+@pytest.mark.parametrize("smallest", [10**-5.5, 1e-9])
+def test_alpha_zero_is_numpy_lstsq_on_ill_conditioned_logits(smallest):
+    """cond(Zc) = 3e5 and 1e9 (Lite0 at 32 px: 1.5e9): every direction is real, so alpha = 0 must be
+    numpy.linalg.lstsq's solution (weights, predictions on train and new rows); the former cutoff (eigenvalues
+    of S_zz below 1e-10 of the largest) dropped the smallest directions, and so would any eigendecomposition of
+    the squared Gram at cond 1e9."""
+    z, f = _ill_conditioned(400, 30, 6, seed=12, smallest=smallest)
+    z_new = _ill_conditioned(50, 30, 6, seed=13, smallest=1.0)[0]
+    weight, bias = _lstsq(z, f)
+    m = RidgeSolver(Moments.of(z)).solve(Moments.of(z, f), 0.0)
+    assert RidgeSolver(Moments.of(z)).rank == 30
+    # weights along the tiniest direction are ~1/s_min, and S_zf = Zc'Fc carries about n * eps * s_max of
+    # rounding into it: a relative accuracy of cond(Zc) * n * eps (1e-4 at cond 1e9), not lstsq's cond * eps
+    tol = max(1e-5, 10 * 400 * np.finfo(float).eps / smallest)
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=tol * np.abs(weight).max())
+    np.testing.assert_allclose(m.predict(z), z @ weight.T + bias, rtol=0, atol=1e-7 * np.abs(f).max())
+    new = z_new @ weight.T + bias  # new rows have every direction at scale 1: the tiny ones' weights are huge
+    np.testing.assert_allclose(m.predict(z_new), new, rtol=0, atol=tol * np.abs(new).max())
+    old = RidgeSolver(Moments.of(z), rcond=1e-5).solve(Moments.of(z, f), 0.0)  # the former cutoff, as sv ratio
+    assert np.abs(old.predict(z) - (z @ weight.T + bias)).max() > 1e-3  # what the issue found: 0.998 vs 1.0
+    gram = Moments.of(z)
+    gram.r = None  # S_zz alone: its eigenvalues cannot resolve singular values below sqrt(eps) of the largest
+    assert (RidgeSolver(gram).rank < 30) == (smallest < 1e-7)
+
+
+def test_alpha_zero_drops_only_exactly_degenerate_directions():
+    """Logits of rank 5 in 12 columns (exact linear copies): the 7 degenerate directions are dropped (numpy's own
+    matrix_rank agrees) and the map is pinv's minimum-norm solution."""
+    rng = np.random.default_rng(14)
+    base = rng.standard_normal((300, 5)) * [1.0, 1e-2, 1e-3, 1e-4, 1e-5]
+    z = np.hstack([base, base @ rng.standard_normal((5, 7))]) + 3.0
+    f = base @ rng.standard_normal((5, 4)) + 0.01 * rng.standard_normal((300, 4))
+    solver = RidgeSolver(Moments.of(z))
+    assert solver.rank == np.linalg.matrix_rank(z - z.mean(0)) == 5
+    # minimum norm among the weights (the intercept is not penalised): numpy's lstsq on the centered arrays
+    zc, fc = z - z.mean(0), f - f.mean(0)
+    weight = np.linalg.lstsq(zc, fc, rcond=None)[0].T
+    m = solver.solve(Moments.of(z, f), 0.0)
+    np.testing.assert_allclose(m.predict(z), zc @ weight.T + f.mean(0), atol=1e-8)
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-5 * np.abs(weight).max())
+    null = np.linalg.svd(zc)[2][5:]  # no weight on the 7 null directions
+    assert np.abs(m.weight @ null.T).max() <= 1e-5 * np.abs(m.weight).max()
+
+
+def test_float32_logits_drop_only_directions_below_their_own_rounding():
+    """float32 logits with centered singular values down to 1e-10 of the largest: directions at or below
+    2^-24 * ||Z||_F (the rounding of the stored values, computed here with numpy's SVD) are dropped, every other
+    kept; the map equals numpy's truncated SVD solution with that rule, and a self pair's head reproduces the
+    test logits (agreement 1.0), which fitting the rounding noise as well does not guarantee."""
+    rng = np.random.default_rng(17)
+    n, c, d = 500, 40, 60
+    w, b = rng.standard_normal((c, d)), rng.standard_normal(c)
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    scales = np.logspace(0, -10, d)
+
+    def feats(rows):
+        return (rng.standard_normal((rows, d)) * scales) @ basis.T + 1.0
+
+    f, f_test = feats(n), feats(400)
+    z, z_test = (f @ w.T + b).astype(np.float32), (f_test @ w.T + b).astype(np.float32)
+    z64 = z.astype(np.float64)
+    zc, fc = z64 - z64.mean(0), f - f.mean(0)
+    u, sv, vt = np.linalg.svd(zc, full_matrices=False)
+    floor = max(2.0**-24 * np.linalg.norm(z64), np.finfo(float).eps * max(n, c) * sv[0])
+    keep = sv > floor
+    assert 0 < keep.sum() < c  # some directions lie below the float32 floor
+    solver = RidgeSolver(Moments.of(z))
+    assert solver.rank == keep.sum() == DualSolver(z).rank
+    weight = (vt[keep].T @ ((u[:, keep].T @ fc) / sv[keep, None])).T
+    m = solver.solve(Moments.of(z, f), 0.0)
+    assert sv[0] / sv[keep][-1] > 1e5  # the smallest kept direction is ill-conditioned: weights to ~1e-5
+    np.testing.assert_allclose(m.weight, weight, rtol=0, atol=1e-4 * np.abs(weight).max())
+    f_hat = m.predict(z_test.astype(np.float64))
+    assert np.mean((f_hat @ w.T + b).argmax(1) == (f_test @ w.T + b).argmax(1)) == 1.0

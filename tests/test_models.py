@@ -1,6 +1,7 @@
 """models.py: real Lite weights, backbone/head splits against the untouched models, local and cached weights, errors."""
 
-import os
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from skimage import data as skdata
 
 from featrec_grid import models
 from featrec_grid.errors import UserError
-from featrec_grid.models import check_head, extract_batch, family_of, load_classifier, map_lite_state
+from featrec_grid.extract import check_head, extract_batch
+from featrec_grid.models import family_of, load_classifier, map_lite_state
 from featrec_grid.refs import ModelRef
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -199,26 +201,140 @@ def test_torchvision_local_weight_file(tmp_path, source, arch):
     assert clf.info["label_space"] == "unknown"
 
 
-def test_torchvision_enum_weights_load_from_torch_hub_cache(tmp_path, monkeypatch):
-    """An ImageNet enum resolves to the cached file in $TORCH_HOME/hub/checkpoints, exactly as after a download."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+class _Planted:
+    """A pickle payload whose unpickling creates a marker file: what a poisoned cache file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def torch_cache(tmp_path, monkeypatch):
+    """A private $TORCH_HOME whose hub cache holds files only as the test puts them there; downloads are refused."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
     def no_download(*args, **kwargs):
         raise AssertionError("tried to download")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    cache = tmp_path / "hub" / "checkpoints"
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
+    return cache
+
+
+def _publish_as(monkeypatch, path):
+    """Point the ResNet18 IMAGENET1K_V1 enum at a file name carrying `path`'s own sha256 prefix (computed here with
+    hashlib), as torchvision names its published files; returns the cache file name."""
+    prefix = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    name = f"resnet18-{prefix}.pth"
+    monkeypatch.setattr(enum.value, "url", f"https://download.pytorch.org/models/{name}")
+    return name
+
+
+def test_torchvision_enum_weights_load_from_torch_hub_cache(torch_cache, monkeypatch):
+    """An ImageNet enum resolves to the cached file in $TORCH_HOME/hub/checkpoints, exactly as after a download,
+    when the file's sha256 starts with the prefix in its published name."""
     torch.manual_seed(21)
     source = torchvision.models.resnet18()
-    torch.save(source.state_dict(), cache / os.path.basename(enum.url))
+    staged = torch_cache.parent / "staged.pth"
+    torch.save(source.state_dict(), staged)
+    staged.rename(torch_cache / _publish_as(monkeypatch, staged))
     clf = load_classifier(ModelRef("tv", "torchvision", "resnet18", weights="IMAGENET1K_V1"))
     for name, tensor in clf.model.state_dict().items():
         assert torch.equal(tensor, source.state_dict()[name]), name
     assert (clf.input.size, clf.input.crop_pct, clf.input.mean) == (224, 224 / 256, (0.485, 0.456, 0.406))
     assert clf.info["label_space"] == "imagenet"
     _assert_split(clf, source, torch.randn(2, 3, 32, 32), (1000, 512))
+
+
+def test_torchvision_cached_file_with_a_wrong_hash_is_refused(torch_cache):
+    """A real state dict under torchvision's published name whose hash does not match: refused, named, not loaded."""
+    path = torch_cache / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(UserError, match=r"resnet18-f37072fd\.pth.*starts with f37072fd"):
+        load_classifier(ModelRef("tv", "torchvision", "resnet18", weights="IMAGENET1K_V1"))
+
+
+@pytest.mark.parametrize("matching_hash", [False, True])
+def test_planted_pickle_in_the_torch_cache_never_runs(torch_cache, tmp_path, monkeypatch, matching_hash):
+    """A malicious pickle in the torch hub cache: nothing it carries runs, whether its hash matches the name (a
+    32-bit prefix can be forged) or not, and the user gets a UserError naming the file (the CLI's exit 2)."""
+    marker = tmp_path / "code-ran"
+    staged = torch_cache.parent / "planted.pth"
+    torch.save({"fc.weight": _Planted(marker)}, staged)
+    name = _publish_as(monkeypatch, staged) if matching_hash else "resnet18-f37072fd.pth"
+    staged.rename(torch_cache / name)
+    with pytest.raises(UserError) as err:
+        load_classifier(ModelRef("tv", "torchvision", "resnet18", weights="IMAGENET1K_V1"))
+    assert name in str(err.value) and "\n" not in str(err.value)
+    assert "weights_only=False" not in str(err.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("source", ["timm", "torchvision", "checkpoint"])
+def test_planted_pickle_as_a_local_checkpoint_never_runs(tmp_path, source):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"fc.weight": _Planted(marker)}, path)
+    arch = {"checkpoint": "torchvision:resnet18"}.get(source, "resnet18")
+    with pytest.raises(UserError, match="evil.pth") as err:
+        load_classifier(ModelRef("x", source, arch, weights=str(path)))
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["corrupt.safetensors", "corrupt.pth", "folder"])
+@pytest.mark.parametrize(("source", "arch"), [("torchvision", "resnet18"), ("checkpoint", "timm:resnet10t"),
+                                              ("timm", "resnet10t")])  # fmt: skip
+def test_unreadable_weight_files_are_one_line_errors_naming_the_file(tmp_path, kind, source, arch):
+    if kind == "folder":
+        path = tmp_path / "weights.pth"
+        path.mkdir()
+    else:
+        path = tmp_path / kind
+        path.write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(UserError) as err:
+        load_classifier(ModelRef("x", source, arch, weights=str(path)))
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message, message
+    assert "weights_only=False" not in message and "does not exist" not in message
+    if kind == "folder":
+        assert "directory" in message
+
+
+def test_weights_fingerprint_follows_the_file_content(tmp_path):
+    """The fingerprint is the file's sha256 (hashlib on the bytes here), changes when the file is overwritten in
+    place, and is None where no local file decides the weights."""
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3)}, str(path))
+    ref = ModelRef("c", "checkpoint", "timm:resnet10t", weights=str(path))
+    assert models.weights_fingerprint(ref) == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    before = models.weights_fingerprint(ref)
+    save_file({"a": torch.ones(3)}, str(path))  # same size, same name, at once
+    assert models.weights_fingerprint(ref) == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() != before
+    assert models.weights_fingerprint(ModelRef("r", "timm", "resnet18")) is None
+    assert models.weights_fingerprint(ModelRef("t", "torchvision", "resnet18", weights="IMAGENET1K_V1")) is None
+    assert models.weights_fingerprint(ModelRef("z", "zoo", "mlp")) is None
+    lite = models.weights_fingerprint(ModelRef("l", "lite", "tf_efficientnet_lite0"))
+    file = models.lite_weights_file("tf_efficientnet_lite0")
+    assert lite == "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="nope.pth"):
+        models.weights_fingerprint(ModelRef("c", "checkpoint", "timm:resnet10t", weights=str(tmp_path / "nope.pth")))
+
+
+def test_sources_are_a_registry_and_models_never_imports_zoo():
+    """Every source of the table resolves through register_source; models.py's source code names no zoo import."""
+    from featrec_grid.refs import SOURCE_MODULES
+
+    for name in SOURCE_MODULES:
+        assert models.source_of(ModelRef("k", name, "x")).name == name
+    text = Path(models.__file__).read_text()
+    assert "import zoo" not in text and "from featrec_grid.zoo" not in text and "from . import zoo" not in text
+    with pytest.raises(UserError, match="allowed: timm, torchvision"):
+        load_classifier(ModelRef("k", "hub", "x"))
 
 
 def test_unknown_architectures_suggest_close_names():
@@ -261,3 +377,50 @@ def test_family_names():
         "cnn": "cnn",
     }
     assert {name: family_of(name) for name in names} == names
+
+
+def test_overwritten_checkpoint_changes_the_shard_key_and_the_shards_are_recomputed(tmp_path):
+    """The same path rewritten in place with other weights: a new shard key, so extract_split recomputes, and the
+    stored logits are the new model's (checked against that model's own forward)."""
+    from featrec_grid.data import TransformedDataset, load_dataset
+    from featrec_grid.extract import extract_split, shard_key
+    from featrec_grid.refs import DataRef
+    from featrec_grid.store import Store
+
+    store = Store(tmp_path / "store")
+    path = tmp_path / "ckpt.safetensors"
+    data = DataRef("digits", "test", {"limit": 6})
+    ref = ModelRef("c", "checkpoint", "timm:resnet10t", weights=str(path), options={"num_classes": 3, "img_size": 32})
+    keys, logits = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = timm.create_model("resnet10t", num_classes=3).eval()
+        save_file(net.state_dict(), str(path))  # same name, overwritten in place
+        keys.append(shard_key(ref, data))
+        manifest = extract_split(ref, data, store)
+        assert manifest["reused"] is False and manifest["key"] == keys[-1]
+        clf = load_classifier(ref)
+        images = TransformedDataset(load_dataset(data), clf.input.transform())
+        with torch.no_grad():
+            expected = net(torch.stack([images[i][0] for i in range(6)])).numpy()
+        stored = store.read_split(store.split_dir("c", data))["logits"]
+        np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-4)
+        logits.append(stored.copy())
+    assert keys[0] != keys[1] and not np.allclose(logits[0], logits[1])
+    assert extract_split(ref, data, store)["reused"] is True  # unchanged file: reused
+
+
+def test_folder_dataset_contents_enter_the_shard_key(tmp_path):
+    from featrec_grid.data import data_fingerprint
+    from featrec_grid.extract import shard_key
+    from featrec_grid.refs import DataRef
+
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), cls == "a" and "red" or "blue").save(tmp_path / "imgs" / cls / "0.png")
+    data = DataRef("folder", "test", {"root": str(tmp_path / "imgs")})
+    ref = ModelRef("r", "timm", "resnet10t")
+    first, fingerprint = shard_key(ref, data), data_fingerprint(data)
+    assert shard_key(ref, data) == first and data_fingerprint(DataRef("digits", "test")) is None
+    Image.new("RGB", (8, 8), "green").save(tmp_path / "imgs" / "b" / "1.png")
+    assert data_fingerprint(data) != fingerprint and shard_key(ref, data) != first

@@ -11,7 +11,6 @@ import plotly.graph_objects as go
 import pytest
 from browser import inspect_html, open_page, require_chromium
 
-from featrec_grid import report
 from featrec_grid.errors import UserError
 from featrec_grid.figures import fmt, overlap_marks, pair_heatmap, selections
 from featrec_grid.pairs import encode_replicates
@@ -270,11 +269,13 @@ def test_write_is_atomic_and_overwrites(tmp_path, monkeypatch):
     assert write(tmp_path, results, models).read_bytes() == before  # deterministic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]
 
-    def broken_replace(src, dst):
-        raise OSError("disk full")
+    import featrec_grid.store as store_module
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "_fsync", full_disk)  # the package's one writer, before its rename
+    with pytest.raises(UserError, match="index.html: No space left on device"):
         write(tmp_path, results.assign(agreement=0.5), models)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]
 

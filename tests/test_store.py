@@ -469,3 +469,194 @@ def test_s3_small_files_and_env_config(s3, monkeypatch):
     assert not store.exists("zoo/mlp/info.json")
     with pytest.raises(UserError, match=f"s3://{BUCKET}/env/zoo/mlp/info.json"):
         store.read_bytes("zoo/mlp/info.json")
+
+
+# ------------------------------------------------------------------------------------------ robustness (issue 15)
+def test_edited_manifest_metadata_is_caught(store, written):
+    """label_space edited by hand: the manifest no longer matches its meta_sha256, so the split is corrupt; a
+    manifest from before the checksum is stale (recomputed)."""
+    manifest_path = Path(split_path(store, "manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    body = {k: v for k, v in manifest.items() if k != "meta_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    assert manifest["meta_sha256"] == hashlib.sha256(canonical).hexdigest()  # the documented rule, by hand
+    manifest_path.write_text(json.dumps({**manifest, "label_space": "imagenet"}))
+    status = store.check_split(SPLIT, "k1")
+    assert status.state == "corrupt" and str(manifest_path) in status.reason and "meta_sha256" in status.reason
+    manifest_path.write_text(json.dumps(body))
+    assert store.check_split(SPLIT, "k1").state == "stale"
+
+
+def test_keyed_results_carry_a_checksum_and_are_recomputed_when_edited(tmp_path):
+    """An edited value, a wrong type, a dropped checksum or another key: load_keyed says recompute (None), never
+    crashes; the file stays a flat JSON object readable without this package."""
+    from featrec_grid.reduce import load_keyed, save_keyed
+
+    path = tmp_path / "pairs" / "p.json"
+    row = {"source": "a", "agreement": 0.98, "mse": np.float32(0.25), "alpha": None, "scores": {"0.1": 1.5}}
+    save_keyed(path, row, "key1")
+    saved = json.loads(path.read_text())
+    assert saved["key"] == "key1" and saved["agreement"] == 0.98 and len(saved["sha256"]) == 64
+    assert load_keyed(path, "key1") == {**row, "mse": 0.25}
+    assert load_keyed(path, "key2") is None
+    for edit in ({"agreement": 0.18}, {"agreement": "0.98"}, {"mse": [1, 2]}, {"sha256": "0" * 64}):
+        path.write_text(json.dumps({**saved, **edit}))
+        assert load_keyed(path, "key1") is None, edit
+    path.write_text(json.dumps({k: v for k, v in saved.items() if k != "sha256"}))
+    assert load_keyed(path, "key1") is None
+    path.write_text('["not", "an", "object"]')
+    assert load_keyed(path, "key1") is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_are_created_with_the_umask(tmp_path, store, umask):
+    """Store files, outputs (reduce) and the report are 0666 minus the umask, as any program's files."""
+    from featrec_grid.reduce import save_keyed
+    from featrec_grid.report import _write_atomic
+
+    old = os.umask(umask)
+    try:
+        store.write_bytes(f"u{umask}/a.bin", b"x")
+        save_keyed(tmp_path / f"out{umask}" / "p.json", {"v": 1}, "k")
+        _write_atomic(tmp_path / f"out{umask}" / "index.html", "<html></html>")
+    finally:
+        os.umask(old)
+    for path in (Path(store.uri) / f"u{umask}" / "a.bin", tmp_path / f"out{umask}" / "p.json",
+                 tmp_path / f"out{umask}" / "index.html"):  # fmt: skip
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path
+
+
+class _FullDisk:
+    """An output stream on a disk with `room[0]` bytes left (shared by every file): then it fails as a full one."""
+
+    def __init__(self, out, room):
+        self.out, self.room = out, room
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        if n > self.room[0]:
+            raise OSError(28, "No space left on device")
+        self.room[0] -= n
+        return self.out.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.out, name)
+
+
+@pytest.mark.parametrize("room", [0, 3000, 9000, 11_000])  # in the first shard, a later one, the head, the manifest
+def test_a_full_disk_mid_write_leaves_nothing_a_rerun_would_take_as_complete(store, written, monkeypatch, room):
+    """ENOSPC while writing shards, head or manifest: a one-line UserError naming the file, the split reads as
+    missing (no manifest), no temporary or partial file is left, and a rerun with room writes it whole."""
+    import featrec_grid.store as store_module
+
+    data, head, _ = written
+    real, left = store_module._open_output, [room]
+    monkeypatch.setattr(store_module, "_open_output", lambda fs, path: _FullDisk(real(fs, path), left))
+    with pytest.raises(UserError) as err:
+        store.write_split(SPLIT, meta=META, batches=batches_of(data, [103]), head=head, rows_per_shard=25)
+    message = str(err.value)
+    assert "No space left on device" in message and split_path(store) in message and "\n" not in message
+    assert store.check_split(SPLIT, "k1").state == "missing"
+    assert not [n for n in os.listdir(split_path(store)) if n.endswith(".tmp")]
+    monkeypatch.setattr(store_module, "_open_output", real)
+    store.write_split(SPLIT, meta=META, batches=batches_of(data, [103]), head=head, rows_per_shard=25)
+    assert store.check_split(SPLIT, "k1").state == "complete"
+
+
+def test_a_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
+    import featrec_grid.store as store_module
+    from featrec_grid.reduce import load_keyed, save_keyed
+
+    path = tmp_path / "p.json"
+    save_keyed(path, {"v": 1}, "k")
+    real = store_module._open_output
+    monkeypatch.setattr(store_module, "_open_output", lambda fs, p: _FullDisk(real(fs, p), [5]))
+    with pytest.raises(UserError, match=f"cannot write {path}: No space left on device"):
+        save_keyed(path, {"v": 2}, "k")
+    assert load_keyed(path, "k") == {"v": 1} and os.listdir(tmp_path) == ["p.json"]
+
+
+_HOLD = """
+import sys, time
+from featrec_grid.store import run_lock
+with run_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_run_lock_refuses_a_second_run_and_frees_on_exit(tmp_path):
+    """Another process holds the output's lock: a second run is refused at once naming the folder and the
+    holder's pid; once the holder is killed (SIGKILL: no clean-up ran) the lock is free again."""
+    import subprocess
+    import sys
+
+    from featrec_grid.store import run_lock
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = rf"{out} is in use by another featrec-grid run \(pid {holder.pid}\)"
+        with pytest.raises(UserError, match=busy), run_lock(out):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(out), pytest.raises(UserError, match="in use"), run_lock(out):  # a second holder here too
+        pass
+
+
+def test_check_output_dir(tmp_path):
+    from featrec_grid.store import check_output_dir
+
+    check_output_dir(tmp_path / "new" / "out")
+    assert os.listdir(tmp_path / "new" / "out") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"output {tmp_path / 'file'} is not a folder"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(UserError, match=f"output {tmp_path / 'file' / 'out'} cannot be written"):
+        check_output_dir(tmp_path / "file" / "out")
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            return  # running as root: permissions do not stop writes, the cases above cover the check
+        with pytest.raises(UserError, match="cannot be written"):
+            check_output_dir(locked)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_gcs_without_credentials_fails_at_once(tmp_path, monkeypatch):
+    """No credentials anywhere and not on a GCE VM: refused before any network request, in one line."""
+    import time
+
+    import featrec_grid.store as store_module
+
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "GCE_METADATA_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(store_module, "_on_gce", lambda: False)
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="no Google Cloud credentials found") as err:
+        Store("gs://bucket/prefix")
+    assert time.perf_counter() - t0 < 1 and "\n" not in str(err.value)
+
+
+def test_gcs_unreachable_endpoint_fails_within_seconds(tmp_path):
+    """An endpoint on a closed loopback port (nothing outside is contacted): the bounded retry ends in seconds."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    store = Store("gs://bucket/prefix", {"anonymous": True, "scheme": "http",
+                                        "endpoint_override": f"127.0.0.1:{port}", "retry_time_limit": 2})  # fmt: skip
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="store gs://bucket/prefix is not writable"):
+        store.check_writable()
+    assert time.perf_counter() - t0 < 30

@@ -1,13 +1,18 @@
 """zoo.py: every family builds and trains (mechanics), the store cache is reused, the split is exact; one full run."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from featrec_grid import zoo
 from featrec_grid.data import TransformedDataset, load_dataset
 from featrec_grid.errors import UserError
-from featrec_grid.models import extract_batch, load_classifier
+from featrec_grid.extract import extract_batch
+from featrec_grid.models import load_classifier
 from featrec_grid.refs import DataRef, ModelRef
 from featrec_grid.store import Store
 
@@ -92,3 +97,38 @@ def test_cnn_full_training_is_accurate(tmp_path):
     accuracy = float((logits.argmax(1) == labels).double().mean())
     assert accuracy == pytest.approx(info["test_accuracy"], abs=1e-4)
     assert accuracy >= 0.9
+
+
+def test_damaged_or_deleted_cache_entries_are_retrained(tmp_path, counted_train):
+    """A flipped byte in the weights, a deleted weights file, an edited info.json: each is found (sha256 recorded at
+    training) and the model trained again to the same weights; rebuild retrains an intact entry too."""
+    store = Store(str(tmp_path))
+    ref = ModelRef("z", "zoo", "mlp", options={"epochs": 1, "train_limit": 64})
+    zoo.ensure_trained(ref, store)
+    weights = tmp_path / zoo.cache_dir(ref) / "weights.safetensors"
+    info_path = tmp_path / zoo.cache_dir(ref) / "info.json"
+    original = weights.read_bytes()
+    info = json.loads(info_path.read_text())
+    assert info["weights_sha256"] == hashlib.sha256(original).hexdigest()
+
+    damaged = bytearray(original)
+    damaged[-5] ^= 0x40  # inside the last tensor's data: safetensors still parses it
+    weights.write_bytes(bytes(damaged))
+    clf = load_classifier(ref, store)
+    assert counted_train == ["mlp", "mlp"] and weights.read_bytes() == original
+    expected = safetensors.numpy.load(original)
+    for name, tensor in clf.model.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), expected[name])
+
+    weights.unlink()
+    zoo.ensure_trained(ref, store)
+    assert counted_train == ["mlp"] * 3 and weights.read_bytes() == original
+
+    info_path.write_text(json.dumps({**info, "test_accuracy": 1.0}))
+    assert zoo.ensure_trained(ref, store)["test_accuracy"] == info["test_accuracy"]
+    assert len(counted_train) == 4
+
+    zoo.ensure_trained(ref, store)
+    assert len(counted_train) == 4  # intact: reused
+    zoo.ensure_trained(ref, store, rebuild=True)
+    assert len(counted_train) == 5 and weights.read_bytes() == original

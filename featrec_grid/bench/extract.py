@@ -117,7 +117,7 @@ def run_throughput_bench(
 ) -> dict[str, Any]:
     """images/s of torchvision `arch` (random weights) on random size x size images, two ways:
 
-    - extraction path: models.extract_batch (backbone under optional bf16 autocast, float32 head, the split
+    - extraction path: extract.extract_batch (backbone under optional bf16 autocast, float32 head, the split
       check on the first batch) plus copying float32 features and logits to the host, as extract_split does;
     - bare: the untouched model's own forward plus copying its logits to the host.
 
@@ -131,8 +131,8 @@ def run_throughput_bench(
     import torch
 
     from ..errors import UserError
-    from ..extract import _check_batch_size, auto_batch_size, check_precision
-    from ..models import extract_batch, load_classifier
+    from ..extract import _check_batch_size, auto_batch_size, check_precision, extract_batch
+    from ..models import load_classifier
 
     check_precision(precision)
     _check_batch_size(batch_size)
