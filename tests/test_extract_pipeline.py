@@ -411,3 +411,15 @@ def test_pipeline_bench_json():
     assert torch.get_num_threads() == 1  # the bench restores the thread count it found (one_thread's)
     refused = CliRunner().invoke(main, ["bench", "extract", "--pipeline", "--throughput"])
     assert refused.exit_code == 2 and "choose one" in refused.output
+
+
+def test_pipeline_bench_with_a_real_model_runs_on_cpu():
+    """The code path of scripts/gpu_bench_extract.sh (--arch), on CPU with tiny settings."""
+    from featrec_grid.bench.extract import format_pipeline_bench, run_pipeline_bench
+
+    r = run_pipeline_bench(images=4, workers=(0,), batch_size=4, device="cpu", arch="resnet18", repeats=1)
+    m = r["model"]
+    assert m["bare_images_per_s"] > 0 and m["extract_jpeg_images_per_s"] > 0 and m["extract_array_images_per_s"] > 0
+    assert m["workers"] == r["cpus"] - 1 and m["jpeg_vs_bare"] == pytest.approx(
+        m["extract_jpeg_images_per_s"] / m["bare_images_per_s"])
+    assert "extraction with JPEG decoding" in format_pipeline_bench(r)
