@@ -103,12 +103,15 @@ class Unreadable:
 
 
 class TransformedDataset(Dataset):
-    """(transform(image), label, row id) triples for a DataLoader; an unreadable image gives (Unreadable, -1, row id)
-    instead of raising, so that the message survives worker processes (see `collate`)."""
+    """(transform(image), label, row id) triples for a DataLoader. With `carry_errors`, an unreadable image gives
+    (Unreadable, -1, row id) instead of raising, so that its message survives worker processes (see `collate`)."""
 
-    def __init__(self, base: ImageDataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, base: ImageDataset, transform: Callable[[Image.Image], torch.Tensor], carry_errors: bool = False
+    ) -> None:
         self.base = base
         self.transform = transform
+        self.carry_errors = carry_errors
 
     def __len__(self) -> int:
         return len(self.base)
@@ -117,6 +120,8 @@ class TransformedDataset(Dataset):
         try:
             image, label = self.base[i]
         except UserError as err:
+            if not self.carry_errors:
+                raise
             return Unreadable(str(err)), -1, int(self.base.indices[i])
         return self.transform(image), label, int(self.base.indices[i])
 

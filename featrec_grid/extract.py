@@ -174,6 +174,51 @@ def choose_pipeline(pipeline: str, dataset: Any, inp: Any, on_cuda: bool) -> str
     return pipeline
 
 
+def input_batches(
+    dataset: Any,
+    inp: Any,
+    *,
+    device: str,
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+    num_workers: int = 0,
+    pipeline: str = "pil",
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """(normalised float32 images [n, 3, S, S] on `device`, labels, row ids) of rows [start, stop), in row order.
+
+    pipeline "pil": a DataLoader with `num_workers` workers decodes, resizes and crops to uint8 (pinned on CUDA);
+    "tensor": slices of the dataset's uint8 array are resized on the device. Both normalise on the device. An
+    image that cannot be decoded is a UserError naming it.
+    """
+    import torch
+
+    from .data import TransformedDataset, Unreadable, collate
+    from .tensor_transforms import BatchTransform, array_batches, host_transform, normalise
+
+    stop = len(dataset) if stop is None else stop
+    if not 0 <= start <= stop <= len(dataset):
+        raise UserError(f"rows [{start}, {stop}) lie outside the dataset's {len(dataset)} rows; plan the ranges again")
+    if pipeline == "tensor":
+        images, labels = dataset.in_memory()
+        on_device = BatchTransform(inp)
+        for x, label, index in array_batches(images, labels, dataset.indices, start, stop, batch_size, device):
+            yield on_device(x), label, index
+        return
+    on_cuda = torch.device(device).type == "cuda"
+    rows = TransformedDataset(dataset, host_transform(inp), carry_errors=True)
+    if (start, stop) != (0, len(dataset)):
+        rows = torch.utils.data.Subset(rows, range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_cuda, collate_fn=collate
+    )
+    for batch in loader:
+        if isinstance(batch, Unreadable):
+            raise UserError(batch.message)
+        x, label, index = batch
+        yield normalise(x.to(device, non_blocking=on_cuda), inp), label.numpy(), index.numpy()
+
+
 def extraction_batches(
     clf: Any,
     dataset: Any,
@@ -187,43 +232,15 @@ def extraction_batches(
     num_workers: int = 0,
     pipeline: str = "pil",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(row ids, labels, logits, features) of rows [start, stop) of `dataset`, batch by batch, in row order.
-
-    pipeline "pil": a DataLoader with `num_workers` workers decodes, resizes and crops to uint8 (pinned on CUDA);
-    "tensor": slices of the dataset's uint8 array are resized on the device. Both normalise on the device. `clf`
-    is already on `device` (channels_last on CUDA). An image that cannot be decoded is a UserError naming it.
-    """
+    """(row ids, labels, logits, features) of rows [start, stop) of `dataset`, batch by batch, in row order: the
+    input_batches through `clf` (already on `device`, channels_last on CUDA) under inference mode."""
     import torch
 
-    from .data import TransformedDataset, Unreadable, collate
     from .models import extract_batch
-    from .tensor_transforms import BatchTransform, array_batches, host_transform, normalise
 
-    stop = len(dataset) if stop is None else stop
-    if not 0 <= start <= stop <= len(dataset):
-        raise UserError(f"rows [{start}, {stop}) lie outside the dataset's {len(dataset)} rows; plan the ranges again")
     on_cuda = torch.device(device).type == "cuda"
-    if pipeline == "tensor":
-        images, labels = dataset.in_memory()
-        on_device = BatchTransform(inp)
-        source = ((on_device(x), y, i) for x, y, i in array_batches(
-            images, labels, dataset.indices, start, stop, batch_size, device))  # fmt: skip
-    else:
-        rows = TransformedDataset(dataset, host_transform(inp))
-        if (start, stop) != (0, len(dataset)):
-            rows = torch.utils.data.Subset(rows, range(start, stop))
-        loader = torch.utils.data.DataLoader(
-            rows, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_cuda, collate_fn=collate
-        )
-
-        def decoded() -> Iterator[tuple[Any, Any, Any]]:
-            for batch in loader:
-                if isinstance(batch, Unreadable):
-                    raise UserError(batch.message)
-                x, label, index = batch
-                yield normalise(x.to(device, non_blocking=on_cuda), inp), label.numpy(), index.numpy()
-
-        source = decoded()
+    source = input_batches(dataset, inp, device=device, batch_size=batch_size, start=start, stop=stop,
+                           num_workers=num_workers, pipeline=pipeline)  # fmt: skip
     with torch.inference_mode():
         for x, label, index in source:
             if on_cuda:

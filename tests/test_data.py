@@ -262,7 +262,9 @@ def test_image_folder_of_jpegs_rows_sorted_and_bad_files_named(tmp_path):
     (tmp_path / "b" / "a.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(UserError, match=f"image {tmp_path / 'b' / 'a.jpg'} cannot be decoded"):
         ds[2]
-    x, label, index = TransformedDataset(ds, lambda im: im)[2]  # carried as data through DataLoader workers
+    with pytest.raises(UserError, match="b/a.jpg cannot be decoded"):
+        TransformedDataset(ds, lambda im: im)[2]
+    x, label, index = TransformedDataset(ds, lambda im: im, carry_errors=True)[2]  # as data through workers
     assert isinstance(x, Unreadable) and "b/a.jpg cannot be decoded" in x.message and (label, index) == (-1, 2)
     assert isinstance(collate([(torch.zeros(1), 0, 0), (x, label, index)]), Unreadable)
     assert collate([(torch.zeros(1), 0, 5), (torch.ones(1), 1, 6)])[2].tolist() == [5, 6]

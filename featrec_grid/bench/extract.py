@@ -250,8 +250,7 @@ def near_free_classifier(inp: Any, num_classes: int = 10) -> Any:
 
 def _rate(run, images: int, repeats: int) -> float:
     """images / best wall time of `repeats` calls of run()."""
-    best = min(_seconds(run) for _ in range(repeats))
-    return images / best
+    return images / min(_seconds(run) for _ in range(repeats))
 
 
 def _seconds(run) -> float:
@@ -260,29 +259,20 @@ def _seconds(run) -> float:
     return time.perf_counter() - t0
 
 
-def _loader_only(dataset, inp, batch_size: int, workers: int, device: str) -> None:
-    import torch
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (DataLoader workers are joined when a loader ends)."""
+    import resource
 
-    from ..data import TransformedDataset, collate
-    from ..tensor_transforms import host_transform, normalise
-
-    on_cuda = torch.device(device).type == "cuda"
-    loader = torch.utils.data.DataLoader(TransformedDataset(dataset, host_transform(inp)), batch_size=batch_size,
-                                         num_workers=workers, pin_memory=on_cuda, collate_fn=collate)  # fmt: skip
-    for x, _, _ in loader:
-        normalise(x.to(device, non_blocking=on_cuda), inp)
-    _sync(device)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _tensor_path(images, inp, batch_size: int, device: str) -> None:
-    import numpy as np
+def _loader_only(dataset, inp, batch_size: int, workers: int, device: str, pipeline: str = "pil") -> None:
+    """Extraction's input batches (decoded, resized, normalised on `device`) with no model."""
+    from ..extract import input_batches
 
-    from ..tensor_transforms import BatchTransform, array_batches
-
-    transform = BatchTransform(inp)
-    n = len(images)
-    for x, _, _ in array_batches(images, np.zeros(n, np.int64), np.arange(n), 0, n, batch_size, device):
-        transform(x)
+    for _ in input_batches(dataset, inp, device=device, batch_size=batch_size, num_workers=workers, pipeline=pipeline):
+        pass
     _sync(device)
 
 
@@ -328,12 +318,14 @@ def run_pipeline_bench(
 ) -> dict[str, Any]:
     """The input pipeline of extraction, measured (best of `repeats` each):
 
-    - loader_images_per_s: a folder of `images` generated 500x375 JPEGs decoded, resized to 256, center-cropped to
+    - loader_images_per_s: (these and extract_images_per_s timed in interleaved rounds) a folder of `images` generated 500x375 JPEGs decoded, resized to 256, center-cropped to
       224 (PIL, DataLoader with 0, 1, 2, ... workers) and normalised on `device`, per worker count;
     - gpu_transform_images_per_s: `array_images` (default 4 x images) CIFAR-shaped uint8 images [32, 32, 3] resized the same way as tensor
       ops on `device` (model transform and the seed's crop-only transform), next to the PIL path on the same array;
       their CPU milliseconds per image (process time: on a CPU device this includes the resize itself) and the host
       copy alone, which is all the CPU does per image when `device` is a GPU;
+    - loader_cpu_ms_per_image: CPU time of the process and its workers per image, per worker count: on a machine
+      busy with other work, throughput cannot show how workers scale, but equal CPU per image says they add no work;
     - extract_images_per_s: extraction of the JPEG folder into a store with a near-free backbone, at the largest
       worker count, so that it can be set against loader-only throughput;
     - with `arch` (a torchvision name, random weights, e.g. resnet50 on CUDA with bf16): extraction with real decoding
@@ -386,28 +378,35 @@ def _pipeline_bench(images, array_images, workers, batch_size, device, arch, pre
     with tempfile.TemporaryDirectory() as root:
         make_jpeg_folder(root, images)
         folder = load_dataset(DataRef("folder", "bench", {"root": root}))
-        result["loader_images_per_s"] = {
-            w: _rate(lambda w=w: _loader_only(folder, inp, batch_size, w, device), images, repeats) for w in workers
-        }
         free = near_free_classifier(inp)
         free.backbone.to(device)
         w_max = max(workers)
+        runs = {w: lambda w=w: _loader_only(folder, inp, batch_size, w, device) for w in workers}
+        runs["extract"] = lambda: _extract_into_store(free, folder, inp, device=device, batch_size=batch_size,
+                                                      precision="fp32", workers=w_max, pipeline="pil")  # fmt: skip
+        seconds: dict[Any, list[float]] = {name: [] for name in runs}
+        cpu: dict[Any, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):  # interleaved, so that a change of machine load hits every case alike
+            for name, run in runs.items():
+                c0 = _cpu_seconds()
+                seconds[name].append(_seconds(run))
+                cpu[name].append(_cpu_seconds() - c0)
+        result["loader_images_per_s"] = {w: images / min(seconds[w]) for w in workers}
+        result["loader_cpu_ms_per_image"] = {w: 1000 * min(cpu[w]) / images for w in workers}
         result["extract_workers"] = w_max
-        result["extract_images_per_s"] = _rate(
-            lambda: _extract_into_store(free, folder, inp, device=device, batch_size=batch_size,
-                                        precision="fp32", workers=w_max, pipeline="pil"), images, repeats)  # fmt: skip
+        result["extract_images_per_s"] = images / min(seconds["extract"])
         result["extract_vs_loader"] = result["extract_images_per_s"] / result["loader_images_per_s"][w_max]
         result["pil_array_images_per_s"] = _rate(
             lambda: _loader_only(array_ds, inp, batch_size, 0, device), array_images, repeats
         )
         result["gpu_transform_images_per_s"] = _rate(
-            lambda: _tensor_path(cifar, inp, batch_size, device), array_images, repeats
+            lambda: _loader_only(array_ds, inp, batch_size, 0, device, "tensor"), array_images, repeats
         )
         result["gpu_transform_seed_images_per_s"] = _rate(
-            lambda: _tensor_path(cifar, seed_inp, batch_size, device), array_images, repeats
+            lambda: _loader_only(array_ds, seed_inp, batch_size, 0, device, "tensor"), array_images, repeats
         )
         result["gpu_transform_cpu_ms_per_image"] = min(
-            _cpu_ms_per_image(lambda: _tensor_path(cifar, inp, batch_size, device), array_images)
+            _cpu_ms_per_image(lambda: _loader_only(array_ds, inp, batch_size, 0, device, "tensor"), array_images)
             for _ in range(repeats)
         )
         result["host_copy_cpu_ms_per_image"] = min(
@@ -449,7 +448,8 @@ def _pipeline_bench(images, array_images, workers, batch_size, device, arch, pre
 
 
 def format_pipeline_bench(r: dict[str, Any]) -> str:
-    loaders = ", ".join(f"{w} workers {ips:.0f}" for w, ips in r["loader_images_per_s"].items())
+    loaders = ", ".join(f"{w} workers {ips:.0f} ({r['loader_cpu_ms_per_image'][w]:.2f} CPU ms/image)"
+                        for w, ips in r["loader_images_per_s"].items())
     w0, wmax = min(r["loader_images_per_s"]), r["extract_workers"]
     lines = [
         f"extract pipeline: {r['device']}, {r['cpus']} CPUs, {r['images']} JPEGs 500x375 -> 224 px, "
