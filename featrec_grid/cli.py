@@ -217,6 +217,8 @@ def bench_fit(as_json: bool, store: str, rows: int, epochs: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--throughput", is_flag=True,
               help="Images/s of a torchvision model on random images: extraction path vs bare forward (GPU mode).")
+@click.option("--pipeline", is_flag=True, help="Input pipeline: JPEG decoding at 0/1/2 workers, tensor transforms of "
+              "uint8 arrays, extraction with a near-free backbone; with --arch also a real model (GPU mode).")
 @click.option("--arch", help="[--throughput] torchvision architecture, random weights.  [default: resnet50]")
 @click.option("--size", type=click.IntRange(min=1), help="[--throughput] image side in pixels.  [default: 224]")
 @click.option("--device", callback=lambda ctx, param, v: _device(v),
@@ -230,7 +232,7 @@ def bench_fit(as_json: bool, store: str, rows: int, epochs: int) -> None:
 @click.option("--repeats", type=click.IntRange(min=1),
               help="[--throughput] alternating timed runs per side; the best counts.  [default: 3]")
 def bench_extract(
-    as_json: bool, throughput: bool, arch: str | None, size: int | None, device: str | None,
+    as_json: bool, throughput: bool, pipeline: bool, arch: str | None, size: int | None, device: str | None,
     precision: str | None, images: int | None, batch_size: str | None, repeats: int | None,
 ) -> None:
     """Extraction into the store vs a bare forward loop over the same model and data.
@@ -239,21 +241,28 @@ def bench_extract(
     extraction path (extract_batch, channels_last on CUDA, optional bf16) vs a bare forward loop of the
     same model at the same batch size and precision, and their ratio. For example, on a GPU machine:
     featrec-grid bench extract --throughput --device cuda --precision bf16
+
+    With --pipeline: the input pipeline itself (see bench.extract.run_pipeline_bench), e.g. on a GPU machine:
+    featrec-grid bench extract --pipeline --device cuda --arch resnet50 --precision bf16
     """
     from .bench.extract import (
         format_extract_bench,
+        format_pipeline_bench,
         format_throughput_bench,
         run_extract_bench,
+        run_pipeline_bench,
         run_throughput_bench,
     )
 
     given = {"arch": arch, "size": size, "device": device, "precision": precision, "images": images,
              "batch_size": batch_size, "repeats": repeats}
     given = {k: v for k, v in given.items() if v is not None}
-    if not throughput:
+    if throughput and pipeline:
+        raise UserError("--throughput and --pipeline are two benchmarks; choose one")
+    if not (throughput or pipeline):
         if given:
             names = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise UserError(f"{names} only apply with --throughput")
+            raise UserError(f"{names} only apply with --throughput or --pipeline")
         _emit(run_extract_bench(), as_json, format_extract_bench)
         return
     if "batch_size" in given and given["batch_size"] != "auto":
@@ -261,6 +270,11 @@ def bench_extract(
             given["batch_size"] = int(given["batch_size"])
         except ValueError:
             raise UserError(f"--batch-size {batch_size!r} is not allowed; use a positive integer or 'auto'") from None
+    if pipeline:
+        if given.get("batch_size") == "auto" or "size" in given:
+            raise UserError("--pipeline takes an integer --batch-size and no --size (images are 500x375 -> 224 px)")
+        _emit(run_pipeline_bench(**given), as_json, format_pipeline_bench)
+        return
     _emit(run_throughput_bench(**given), as_json, format_throughput_bench)
 
 

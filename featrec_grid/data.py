@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from featrec_grid.errors import UserError
 from featrec_grid.refs import DataRef
@@ -31,19 +32,32 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def in_memory(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(uint8 images [N, H, W] gray or [N, H, W, 3] RGB, int64 labels [N]) when every image of the dataset sits
+        in one array, so a batch can go to the device as it is (the tensor transform path); None otherwise."""
+        return None
 
-class DigitsDataset(ImageDataset):
-    """scikit-learn's 8x8 handwritten digits (values 0..16) as uint8 RGB PIL images; `indices` are load_digits rows."""
 
-    def __init__(self, pixels: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
-        self.pixels = pixels
-        self.labels = labels
-        self.indices = indices.astype(np.int64)
-        self.classes = [str(d) for d in range(10)]
-        self.label_space = "digits"
+class ArrayDataset(ImageDataset):
+    """Images held in one uint8 array (digits, CIFAR): item i is images[i] as an RGB PIL image, as torchvision's
+    CIFAR classes return it (a gray [H, W] image is converted to RGB, i.e. repeated over the three channels)."""
+
+    def __init__(
+        self, images: np.ndarray, labels: Any, indices: np.ndarray, classes: list[str], label_space: str
+    ) -> None:
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
+            raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, 3], got {images.dtype} {images.shape}")
+        self.images = np.ascontiguousarray(images)  # torchvision's CIFAR array is a transposed view
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.classes = list(classes)
+        self.label_space = label_space
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.pixels[i]).convert("RGB"), int(self.labels[i])
+        return Image.fromarray(self.images[i]).convert("RGB"), int(self.labels[i])
+
+    def in_memory(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.images, self.labels
 
 
 class WrappedDataset(ImageDataset):
@@ -74,20 +88,51 @@ class LimitedDataset(ImageDataset):
             raise IndexError(i)
         return self.base[i]
 
+    def in_memory(self) -> tuple[np.ndarray, np.ndarray] | None:
+        arrays = self.base.in_memory()
+        n = len(self.indices)
+        return None if arrays is None else (arrays[0][:n], arrays[1][:n])
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An image that could not be read, carried to the main process as data: an exception raised in a DataLoader
+    worker would reach it re-wrapped around the worker's traceback text instead of the one-line message."""
+
+    message: str
+
 
 class TransformedDataset(Dataset):
-    """(transform(image), label, row id) triples for a DataLoader."""
+    """(transform(image), label, row id) triples for a DataLoader. With `carry_errors`, an unreadable image gives
+    (Unreadable, -1, row id) instead of raising, so that its message survives worker processes (see `collate`)."""
 
-    def __init__(self, base: ImageDataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, base: ImageDataset, transform: Callable[[Image.Image], torch.Tensor], carry_errors: bool = False
+    ) -> None:
         self.base = base
         self.transform = transform
+        self.carry_errors = carry_errors
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image, label = self.base[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | Unreadable, int, int]:
+        try:
+            image, label = self.base[i]
+        except UserError as err:
+            if not self.carry_errors:
+                raise
+            return Unreadable(str(err)), -1, int(self.base.indices[i])
         return self.transform(image), label, int(self.base.indices[i])
+
+
+def collate(items: list[tuple[Any, int, int]]) -> Any:
+    """DataLoader collate_fn for TransformedDataset: default_collate, except that a batch holding an unreadable
+    image is that image's Unreadable (the caller raises it as a UserError)."""
+    for item in items:
+        if isinstance(item[0], Unreadable):
+            return item[0]
+    return default_collate(items)
 
 
 def load_dataset(ref: DataRef) -> ImageDataset:
@@ -141,7 +186,7 @@ def digits_split(seed: int = 0, test_fraction: float = 0.3) -> dict[str, np.ndar
     return {"train": np.sort(train), "test": np.sort(test), "all": rows}
 
 
-def _digits(ref: DataRef) -> DigitsDataset:
+def _digits(ref: DataRef) -> ArrayDataset:
     from sklearn.datasets import load_digits
 
     if ref.split not in DIGITS_SPLITS:
@@ -154,7 +199,7 @@ def _digits(ref: DataRef) -> DigitsDataset:
     pixels = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)
     pixels = _digits_view(pixels, ref.options)
     rows = digits_split(seed, test_fraction)[ref.split]
-    return DigitsDataset(pixels[rows], digits.target[rows], rows)
+    return ArrayDataset(pixels[rows], digits.target[rows], rows, [str(d) for d in range(10)], "digits")
 
 
 def _digits_view(pixels: np.ndarray, options: dict[str, Any]) -> np.ndarray:
@@ -176,7 +221,7 @@ def _root(ref: DataRef) -> Path:
     return Path(str(ref.options.get("root", DEFAULT_ROOT))).expanduser()
 
 
-def _cifar(ref: DataRef) -> WrappedDataset:
+def _cifar(ref: DataRef) -> ArrayDataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     if ref.split not in ("train", "test"):
@@ -196,7 +241,8 @@ def _cifar(ref: DataRef) -> WrappedDataset:
         base = cls(root=str(root), train=ref.split == "train", download=download)
     except RuntimeError as err:
         raise UserError(f"{ref.dataset} in {folder} could not be read ({err}); {DOWNLOAD_HINT}") from err
-    return WrappedDataset(base, base.classes, ref.dataset)
+    # torchvision holds CIFAR as one uint8 array [N, 32, 32, 3] (item i is Image.fromarray(data[i]))
+    return ArrayDataset(base.data, base.targets, np.arange(len(base.data)), base.classes, ref.dataset)
 
 
 def _places365(ref: DataRef) -> WrappedDataset:
@@ -233,10 +279,21 @@ def _folder(ref: DataRef) -> WrappedDataset:
     if not root.is_dir():
         raise UserError(f"folder dataset root {root} does not exist or is not a directory")
     try:
-        base = ImageFolder(str(root))
+        base = ImageFolder(str(root), loader=open_image)  # classes and files sorted: row i is the i-th sorted path
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(
             f"folder dataset {root} holds no readable images in class sub-directories ({err})"
         ) from err
     label_space = str(ref.options.get("label_space", f"folder:{root.name}"))
     return WrappedDataset(base, base.classes, label_space)
+
+
+def open_image(path: str) -> Image.Image:
+    """A decoded RGB image; a file PIL cannot decode (not an image, truncated, too large) is a UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(
+            f"image {path} cannot be decoded ({type(err).__name__}: {err}); replace or remove the file"
+        ) from None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,9 @@ FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "bf16")  # fp32: plain float32 forward; bf16: torch.autocast(bfloat16) around the backbone
 CPU_AUTO_BATCH = 64  # what batch_size="auto" means off CUDA
 AUTO_START = 1024  # the first batch size batch_size="auto" tries on CUDA
+PIPELINES = ("auto", "pil", "tensor")  # input pipeline: auto = tensor on CUDA for in-memory datasets, else PIL
+MAX_DEFAULT_CPUS_PER_EXTRACT = 4  # what an extract task asks for per GPU unless resources.cpus_per_extract says
+DEFAULT_ROWS_PER_TASK = 200_000  # suggested resources.rows_per_task: CIFAR (50k) stays one task, ImageNet-1k is 7
 
 
 def check_precision(precision: Any) -> str:
@@ -173,46 +177,173 @@ def _check_batch_size(batch_size: Any) -> None:
         raise UserError(f"batch size {batch_size!r} is not allowed; use a positive integer or 'auto'")
 
 
-def extract_split(
-    model: ModelRef,
-    data: DataRef,
-    store: Store,
+def _check_count(value: Any, name: str, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise UserError(f"{name}={value!r} is not allowed; use an integer >= {low}")
+
+
+def cpus_per_extract(cluster_cpus: float, cluster_gpus: float, requested: int | None = None) -> int:
+    """CPUs one extract task asks Ray for: `requested` (resources.cpus_per_extract) when set; else, on a cluster with
+    GPUs, its CPUs per GPU, at least 1 and at most MAX_DEFAULT_CPUS_PER_EXTRACT; 1 on a cluster without GPUs."""
+    if requested is not None:
+        _check_count(requested, "resources.cpus_per_extract", 1)
+        return requested
+    if cluster_gpus <= 0:
+        return 1
+    return max(1, min(MAX_DEFAULT_CPUS_PER_EXTRACT, int(cluster_cpus // cluster_gpus)))
+
+
+def loader_workers(cpus: int, on_cuda: bool) -> int:
+    """DataLoader workers of a task holding `cpus` CPUs: all of them on CUDA (the main process only feeds the GPU),
+    one less on CPU (the main process runs the forward pass); so 1 CPU without a GPU decodes in-process, as before."""
+    _check_count(cpus, "cpus", 1)
+    return cpus if on_cuda else cpus - 1
+
+
+def row_ranges(rows: int, rows_per_task: int, batch_size: int | str) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering a split of `rows` rows, one per extract task: one range when rows_per_task >=
+    rows, else about rows_per_task rows each with every boundary on a multiple of the batch size (of AUTO_START for
+    "auto", a multiple of every size it may pick), so each task runs exactly the batches a single task would."""
+    _check_count(rows, "rows", 0)
+    _check_count(rows_per_task, "resources.rows_per_task", 1)
+    _check_batch_size(batch_size)
+    if rows_per_task >= rows:
+        return [(0, rows)]
+    step = AUTO_START if batch_size == "auto" else int(batch_size)
+    width = max(step, rows_per_task // step * step)
+    return [(s, min(s + width, rows)) for s in range(0, rows, width)]
+
+
+def split_rows(data: DataRef) -> int:
+    """Rows of a dataset split (what row_ranges divides); opens the dataset's index, not its images."""
+    from .data import load_dataset
+
+    return len(load_dataset(data))
+
+
+def choose_pipeline(pipeline: str, dataset: Any, inp: Any, on_cuda: bool) -> str:
+    """The input pipeline an extraction runs: "tensor" (uint8 array batches resized on the device) or "pil" (PIL
+    decoding and resizing in DataLoader workers). "auto" takes the tensor path on CUDA when the dataset is one uint8
+    array and the resize has a tensor form, PIL otherwise (so CPU runs give the PIL numbers, as they always did)."""
+    from .tensor_transforms import supports
+
+    if pipeline not in PIPELINES:
+        raise UserError(f"pipeline {pipeline!r} is unknown; allowed: {', '.join(PIPELINES)}")
+    possible = dataset.in_memory() is not None and supports(inp)
+    if pipeline == "tensor" and not possible:
+        raise UserError(
+            "pipeline 'tensor' needs a dataset held in one uint8 array (digits, cifar10, cifar100) and a bilinear "
+            f"or bicubic resize (or none); got {type(dataset).__name__} with interpolation {inp.interpolation!r}"
+        )
+    if pipeline == "auto":
+        return "tensor" if possible and on_cuda else "pil"
+    return pipeline
+
+
+def input_batches(
+    dataset: Any,
+    inp: Any,
     *,
-    precision: str = "fp32",
-    batch_size: int | str = 64,
-    rows_per_shard: int = 65536,
-    rebuild: bool = False,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Write (index, label, logits, features) of `model` on `data` to the store unless a valid set exists.
+    device: str,
+    batch_size: int,
+    start: int = 0,
+    stop: int | None = None,
+    num_workers: int = 0,
+    pipeline: str = "pil",
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """(normalised float32 images [n, 3, S, S] on `device`, labels, row ids) of rows [start, stop), in row order.
 
-    Returns the manifest plus `reused` (True when nothing was computed). A corrupt set is an error naming
-    its path unless `rebuild` is set.
-
-    `precision` is one of PRECISIONS: "bf16" runs the backbone under torch.autocast(bfloat16); features and
-    logits are stored as float32 either way, and the precision enters the cache key. `batch_size` is a
-    positive integer or "auto" (see auto_batch_size). On CUDA the model and each input batch are channels_last.
-    Precision and the batch size used are recorded in the manifest.
+    pipeline "pil": a DataLoader with `num_workers` workers decodes, resizes and crops to uint8 (pinned on CUDA);
+    "tensor": slices of the dataset's uint8 array are resized on the device. Both normalise on the device. An
+    image that cannot be decoded is a UserError naming it.
     """
     import torch
 
-    from .data import TransformedDataset, load_dataset
+    from .data import TransformedDataset, Unreadable, collate
+    from .tensor_transforms import BatchTransform, array_batches, host_transform, normalise
+
+    stop = len(dataset) if stop is None else stop
+    if not 0 <= start <= stop <= len(dataset):
+        raise UserError(f"rows [{start}, {stop}) lie outside the dataset's {len(dataset)} rows; plan the ranges again")
+    if pipeline == "tensor":
+        images, labels = dataset.in_memory()
+        on_device = BatchTransform(inp)
+        for x, label, index in array_batches(images, labels, dataset.indices, start, stop, batch_size, device):
+            yield on_device(x), label, index
+        return
+    on_cuda = torch.device(device).type == "cuda"
+    rows = TransformedDataset(dataset, host_transform(inp), carry_errors=True)
+    if (start, stop) != (0, len(dataset)):
+        rows = torch.utils.data.Subset(rows, range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=on_cuda, collate_fn=collate
+    )
+    for batch in loader:
+        if isinstance(batch, Unreadable):
+            raise UserError(batch.message)
+        x, label, index = batch
+        yield normalise(x.to(device, non_blocking=on_cuda), inp), label.numpy(), index.numpy()
+
+
+def extraction_batches(
+    clf: Any,
+    dataset: Any,
+    inp: Any,
+    *,
+    device: str,
+    batch_size: int,
+    precision: str = "fp32",
+    start: int = 0,
+    stop: int | None = None,
+    num_workers: int = 0,
+    pipeline: str = "pil",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(row ids, labels, logits, features) of rows [start, stop) of `dataset`, batch by batch, in row order: the
+    input_batches through `clf` (already on `device`, channels_last on CUDA) under inference mode."""
+    import torch
+
+    on_cuda = torch.device(device).type == "cuda"
+    source = input_batches(dataset, inp, device=device, batch_size=batch_size, start=start, stop=stop,
+                           num_workers=num_workers, pipeline=pipeline)  # fmt: skip
+    with torch.inference_mode():
+        for x, label, index in source:
+            if on_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats, logits = extract_batch(clf, x, precision=precision)
+            yield (
+                np.asarray(index, dtype=np.int64),
+                np.asarray(label, dtype=np.int64),
+                logits.float().cpu().numpy(),
+                feats.float().cpu().numpy(),
+            )
+
+
+@dataclass
+class _Loaded:
+    """What one extract call loads: the classifier on its device, the dataset, the input config and the settings."""
+
+    clf: Any
+    dataset: Any
+    inp: Any
+    device: str
+    batch_size: int
+    pipeline: str
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def _load(model: ModelRef, data: DataRef, store: Store, device: str | None, batch_size: int | str, precision: str,
+          pipeline: str) -> _Loaded:  # fmt: skip
+    import torch
+
+    from .data import load_dataset
     from .models import input_for, load_classifier
 
-    check_precision(precision)
-    _check_batch_size(batch_size)
-    rel = store.split_dir(model.key, data)
-    key = shard_key(model, data, precision)
-    status = store.check_split(rel, key)
-    if status.state == "complete" and not rebuild:
-        return {**status.manifest, "reused": True}
-    if status.state == "corrupt" and not rebuild:
-        raise UserError(f"corrupt shard set at {store.full_path(rel)}: {status.reason}; rerun with --rebuild")
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
-    clf = load_classifier(model, store)
     on_cuda = torch.device(device).type == "cuda"
+    clf = load_classifier(model, store)
     clf.backbone.to(device)
     if on_cuda:
         clf.backbone.to(memory_format=torch.channels_last)
@@ -220,29 +351,14 @@ def extract_split(
     inp = input_for(clf, data.options)
     if batch_size == "auto":
         batch_size = auto_batch_size(clf, inp.size, device, precision)
-    loader = torch.utils.data.DataLoader(
-        TransformedDataset(dataset, inp.transform()),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=0,
-        pin_memory=on_cuda,
-    )
+    return _Loaded(clf, dataset, inp, device, int(batch_size), choose_pipeline(pipeline, dataset, inp, on_cuda))
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        with torch.inference_mode():
-            for x, label, index in loader:
-                x = x.to(device, non_blocking=on_cuda)
-                if on_cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                feats, logits = extract_batch(clf, x, precision=precision)
-                yield (
-                    index.numpy().astype(np.int64),
-                    label.numpy().astype(np.int64),
-                    logits.float().cpu().numpy(),
-                    feats.float().cpu().numpy(),
-                )
 
-    meta = {
+def _meta(loaded: _Loaded, model: ModelRef, data: DataRef, key: str, precision: str, workers: int) -> dict[str, Any]:
+    import torch
+
+    clf = loaded.clf
+    return {
         "key": key,
         "model": model.key,
         "source": model.source,
@@ -255,15 +371,127 @@ def extract_split(
         "split": data.split,
         "data_options": data.options,
         "label_space": clf.info.get("label_space"),
-        "dataset_label_space": getattr(dataset, "label_space", None),
-        "transform": inp.as_dict(),
+        "dataset_label_space": getattr(loaded.dataset, "label_space", None),
+        "transform": loaded.inp.as_dict(),
         "model_info": {k: v for k, v in clf.info.items() if isinstance(v, str | int | float | bool | None)},
-        "device": device,
+        "device": loaded.device,
         "precision": precision,
-        "batch_size": batch_size,
-        "channels_last": on_cuda,
+        "batch_size": loaded.batch_size,
+        "channels_last": loaded.on_cuda,
+        "pipeline": loaded.pipeline,
+        "num_workers": workers if loaded.pipeline == "pil" else 0,
         "torch": torch.__version__,
     }
-    head = (clf.head_weight.detach().float().cpu().numpy(), clf.head_bias.detach().float().cpu().numpy())
-    manifest = store.write_split(rel, meta=meta, batches=batches(), head=head, rows_per_shard=rows_per_shard)
+
+
+def _head(clf: Any) -> tuple[np.ndarray, np.ndarray]:
+    return clf.head_weight.detach().float().cpu().numpy(), clf.head_bias.detach().float().cpu().numpy()
+
+
+def _workers(num_workers: int | None, cpus: int, loaded: _Loaded) -> int:
+    if num_workers is None:
+        return loader_workers(cpus, loaded.on_cuda)
+    _check_count(num_workers, "num_workers", 0)
+    return num_workers
+
+
+def _check_settings(precision: str, batch_size: Any, pipeline: str) -> None:
+    check_precision(precision)
+    _check_batch_size(batch_size)
+    if pipeline not in PIPELINES:
+        raise UserError(f"pipeline {pipeline!r} is unknown; allowed: {', '.join(PIPELINES)}")
+
+
+def extract_split(
+    model: ModelRef,
+    data: DataRef,
+    store: Store,
+    *,
+    precision: str = "fp32",
+    batch_size: int | str = 64,
+    rows_per_shard: int = 65536,
+    rebuild: bool = False,
+    device: str | None = None,
+    num_workers: int | None = None,
+    cpus: int = 1,
+    pipeline: str = "auto",
+) -> dict[str, Any]:
+    """Write (index, label, logits, features) of `model` on `data` to the store unless a valid set exists.
+
+    Returns the manifest plus `reused` (True when nothing was computed). A corrupt set is an error naming
+    its path unless `rebuild` is set.
+
+    `precision` is one of PRECISIONS: "bf16" runs the backbone under torch.autocast(bfloat16); features and
+    logits are stored as float32 either way, and the precision enters the cache key. `batch_size` is a
+    positive integer or "auto" (see auto_batch_size). On CUDA the model and each input batch are channels_last.
+    `num_workers` DataLoader workers decode images (None: loader_workers(cpus, on CUDA)); `pipeline` is one of
+    PIPELINES (see choose_pipeline). Neither changes row ids or row order. The settings used are in the manifest.
+    """
+    _check_settings(precision, batch_size, pipeline)
+    rel = store.split_dir(model.key, data)
+    key = shard_key(model, data, precision)
+    status = store.check_split(rel, key)
+    if status.state == "complete" and not rebuild:
+        return {**status.manifest, "reused": True}
+    if status.state == "corrupt" and not rebuild:
+        raise UserError(f"corrupt shard set at {store.full_path(rel)}: {status.reason}; rerun with --rebuild")
+
+    t0 = time.perf_counter()
+    loaded = _load(model, data, store, device, batch_size, precision, pipeline)
+    workers = _workers(num_workers, cpus, loaded)
+    batches = extraction_batches(loaded.clf, loaded.dataset, loaded.inp, device=loaded.device, precision=precision,
+                                 batch_size=loaded.batch_size, num_workers=workers, pipeline=loaded.pipeline)  # fmt: skip
+    meta = _meta(loaded, model, data, key, precision, workers)
+    manifest = store.write_split(rel, meta=meta, batches=batches, head=_head(loaded.clf), rows_per_shard=rows_per_shard)
     return {**manifest, "reused": False, "seconds": time.perf_counter() - t0}
+
+
+def extract_range(
+    model: ModelRef,
+    data: DataRef,
+    store: Store,
+    start: int,
+    stop: int,
+    *,
+    precision: str = "fp32",
+    batch_size: int | str = 64,
+    rows_per_shard: int = 65536,
+    rebuild: bool = False,
+    device: str | None = None,
+    num_workers: int | None = None,
+    cpus: int = 1,
+    pipeline: str = "auto",
+) -> dict[str, Any]:
+    """One task of a split extracted in row ranges (see row_ranges): rows [start, stop) into their own checksummed
+    shards and range manifest, unless that range is complete already (`reused`). A missing, stale or corrupt range
+    is computed again. finish_split makes the split readable once every range is in. Settings as extract_split."""
+    _check_settings(precision, batch_size, pipeline)
+    rel = store.split_dir(model.key, data)
+    key = shard_key(model, data, precision)
+    status = store.check_range(rel, key, start, stop)
+    if status.complete and not rebuild:
+        return {**status.manifest, "reused": True}
+    t0 = time.perf_counter()
+    loaded = _load(model, data, store, device, batch_size, precision, pipeline)
+    workers = _workers(num_workers, cpus, loaded)
+    batches = extraction_batches(loaded.clf, loaded.dataset, loaded.inp, device=loaded.device, precision=precision,
+                                 batch_size=loaded.batch_size, start=start, stop=stop, num_workers=workers,
+                                 pipeline=loaded.pipeline)  # fmt: skip
+    meta = _meta(loaded, model, data, key, precision, workers)
+    manifest = store.write_range(rel, start, stop, meta=meta, batches=batches, head=_head(loaded.clf),
+                                 rows_per_shard=rows_per_shard)  # fmt: skip
+    return {**manifest, "reused": False, "seconds": time.perf_counter() - t0}
+
+
+def finish_split(
+    model: ModelRef, data: DataRef, store: Store, ranges: Sequence[tuple[int, int]], *, precision: str = "fp32"
+) -> dict[str, Any]:
+    """Write the split's manifest once every range of `ranges` (row_ranges' list) is complete, so readers
+    (Store.iter_split/read_split, pairs.aligned) see one split; `reused` when that manifest exists already.
+    A range that is missing or corrupt is a UserError: run its extract_range again first."""
+    rel = store.split_dir(model.key, data)
+    key = shard_key(model, data, precision)
+    status = store.check_split(rel, key, verify_checksums=False)
+    if status.complete and status.manifest.get("ranges") == [list(r) for r in ranges]:
+        return {**status.manifest, "reused": True}
+    return {**store.finish_ranges(rel, key, ranges), "reused": False}

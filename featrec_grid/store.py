@@ -445,6 +445,176 @@ class Store:
         except (pa.ArrowException, ValueError) as e:
             raise UserError(f"shard {where}: {e}; {hint}") from e
 
+    # ------------------------------------------------------------------ row ranges: one split written by many tasks
+    # Each task writes rows [start, stop) of the split as shards named part-<position of their first row>.arrow
+    # (unique across ranges), the shared head and a range manifest range-<start>-<stop>.json; finish_ranges then
+    # writes the split's manifest.json listing every range's shards in row order, so readers see one plain split.
+
+    _RANGE_MANIFEST_RE = re.compile(r"range-\d{12}-\d{12}\.json")
+
+    @staticmethod
+    def range_manifest_name(start: int, stop: int) -> str:
+        """File name of the manifest of rows [start, stop) of a split written in ranges."""
+        return f"range-{start:012d}-{stop:012d}.json"
+
+    def write_range(
+        self,
+        rel_dir: str,
+        start: int,
+        stop: int,
+        *,
+        meta: dict[str, Any],
+        batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+        head: tuple[np.ndarray, np.ndarray],
+        rows_per_shard: int = 65536,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> dict[str, Any]:
+        """Stream rows [start, stop) of a split into their own shards, the head (rewritten only when it differs)
+        and last the range manifest, which is returned. The split's manifest.json is deleted first: the split
+        reads as missing until finish_ranges lists every range."""
+        rel_dir = _clean_rel(rel_dir)
+        if not 0 <= start <= stop:
+            raise ValueError(f"a row range needs 0 <= start <= stop, got [{start}, {stop})")
+        missing = [k for k in _REQUIRED_META if k not in meta]
+        if missing:
+            raise ValueError(f"write_range meta lacks {missing}; it needs {list(_REQUIRED_META)}")
+        json.dumps(meta, default=_json_default)
+        if rows_per_shard < 1 or max_shard_bytes < 1:
+            raise ValueError(
+                f"rows_per_shard and max_shard_bytes must be >= 1, got {rows_per_shard}, {max_shard_bytes}"
+            )
+        where = f"{self.full_path(rel_dir)} rows [{start}, {stop})"
+        weight, bias = _check_head(head, where)
+        c, d = weight.shape
+        cap = max(1, min(rows_per_shard, max_shard_bytes // (16 + 4 * (c + d))))
+        mrel = f"{rel_dir}/{self.range_manifest_name(start, stop)}"
+        for rel in (f"{rel_dir}/{MANIFEST}", mrel):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self._path(rel))
+        written: list[str] = []
+        files: list[dict[str, Any]] = []
+        try:
+            shard, total, flushed = _ShardBuffer(cap, c, d), 0, 0
+            for number, batch in enumerate(batches):
+                index, label, logits, features = _check_batch(batch, number, total, c, d, where)
+                taken = 0
+                while taken < len(index):
+                    taken += shard.add(index, label, logits, features, taken)
+                    if shard.full:
+                        files.append(self._write_shard(rel_dir, start + flushed, shard, written))
+                        flushed, shard.rows = flushed + shard.rows, 0
+                total += len(index)
+            if shard.rows:
+                files.append(self._write_shard(rel_dir, start + flushed, shard, written))
+            if total != stop - start:
+                raise ValueError(f"{where}: the batches held {total} rows, the range has {stop - start}")
+            head_bytes = safetensors.numpy.save({"weight": weight, "bias": bias})
+            head_entry = {"path": HEAD, "sha256": hashlib.sha256(head_bytes).hexdigest(), "bytes": len(head_bytes)}
+            head_rel = f"{rel_dir}/{HEAD}"
+            # Ranges share one head: rewrite it only when it differs, so a range never breaks another's head.
+            if not (self.exists(head_rel) and self._sha256(head_rel) == head_entry["sha256"]):
+                self.write_bytes(head_rel, head_bytes)
+            manifest = {
+                **meta,
+                "format": FORMAT,
+                "range": [start, stop],
+                "rows": total,
+                "logits_dim": int(c),
+                "features_dim": int(d),
+                "files": files,
+                "head": head_entry,
+            }
+            self.write_json(mrel, manifest)
+        except BaseException:
+            for rel in written:  # this attempt's shards only: their names lie inside this range
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(self._path(rel))
+            raise
+        return manifest
+
+    def check_range(self, rel_dir: str, key: str, start: int, stop: int, *, verify_checksums: bool = True) -> SplitStatus:
+        """check_split for rows [start, stop) written by write_range: missing, stale, corrupt or complete."""
+        rel_dir = _clean_rel(rel_dir)
+        mrel = f"{rel_dir}/{self.range_manifest_name(start, stop)}"
+        where = self.full_path(mrel)
+        try:
+            raw = self.read_bytes(mrel)
+        except UserError:
+            return SplitStatus("missing", f"{where} does not exist")
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return SplitStatus("corrupt", f"{where} is not valid JSON ({e})")
+        if not isinstance(manifest, dict):
+            return SplitStatus("corrupt", f"{where} is not a JSON object")
+        if manifest.get("format") != FORMAT or manifest.get("key") != key:
+            found = (manifest.get("format"), manifest.get("key"))
+            return SplitStatus("stale", f"{where} has (format, key) {found}, expected {(FORMAT, key)}", manifest)
+        entries = _manifest_entries(manifest)
+        if entries is None or manifest.get("range") != [start, stop] or manifest["rows"] != stop - start:
+            return SplitStatus("corrupt", f"{where} has malformed 'files'/'head'/'rows'/'range'", manifest)
+        problem = self._entries_problem(rel_dir, entries, verify_checksums)
+        if problem:
+            return SplitStatus("corrupt", problem, manifest)
+        return SplitStatus("complete", f"{len(entries) - 1} shard(s), {manifest['rows']} rows", manifest)
+
+    def finish_ranges(
+        self, rel_dir: str, key: str, ranges: Sequence[tuple[int, int]], *, verify_checksums: bool = False
+    ) -> dict[str, Any]:
+        """Write the split's manifest from its complete ranges (consecutive from row 0), listing their shards in row
+        order; then delete shards and range manifests no range lists. A range that is not complete is a UserError."""
+        rel_dir = _clean_rel(rel_dir)
+        where = self.full_path(rel_dir)
+        bounds = [(int(a), int(b)) for a, b in ranges]
+        if not bounds or bounds[0][0] != 0 or any(b[0] != a[1] for a, b in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"{where}: ranges must be consecutive from row 0, got {bounds}")
+        parts = []
+        for start, stop in bounds:
+            status = self.check_range(rel_dir, key, start, stop, verify_checksums=verify_checksums)
+            if not status.complete:
+                raise UserError(
+                    f"{where}: rows [{start}, {stop}) are {status.state} ({status.reason}); rerun the extraction "
+                    "to compute them"
+                )
+            parts.append(status.manifest)
+        first = parts[0]
+        shape = ("logits_dim", "features_dim", "head")
+        for (start, stop), part in zip(bounds, parts, strict=True):
+            if any(part[k] != first[k] for k in shape):
+                raise UserError(
+                    f"{where}: rows [{start}, {stop}) have another head or dims than rows {bounds[0]}; rerun with --rebuild"
+                )
+        manifest = {k: v for k, v in first.items() if k not in ("range", "files", "rows")}
+        manifest.update(
+            rows=sum(p["rows"] for p in parts),
+            files=[f for p in parts for f in p["files"]],
+            ranges=[list(b) for b in bounds],
+        )
+        self.write_json(f"{rel_dir}/{MANIFEST}", manifest)
+        self._remove_stray_parts(rel_dir, {f["path"] for f in manifest["files"]})
+        listed = {self.range_manifest_name(a, b) for a, b in bounds}
+        with contextlib.suppress(OSError):
+            for info in self.fs.get_file_info(pafs.FileSelector(self._path(rel_dir))):
+                if self._RANGE_MANIFEST_RE.fullmatch(info.base_name) and info.base_name not in listed:
+                    self.fs.delete_file(info.path)
+        return manifest
+
+    def _entries_problem(self, rel_dir: str, entries: list[dict[str, Any]], verify_checksums: bool) -> str | None:
+        """Why the files of manifest entries are not as recorded (absent, other size, other sha256), or None."""
+        rels = [f"{rel_dir}/{e['path']}" for e in entries]
+        infos = self.fs.get_file_info([self._path(r) for r in rels])
+        for entry, rel, info in zip(entries, rels, infos, strict=True):
+            if info.type != pafs.FileType.File:
+                return f"{self.full_path(rel)} is missing"
+            if "bytes" in entry and info.size != entry["bytes"]:
+                return f"{self.full_path(rel)} has {info.size} bytes, manifest says {entry['bytes']}"
+        if verify_checksums:
+            for entry, rel in zip(entries, rels, strict=True):
+                digest = self._sha256(rel)
+                if digest != entry["sha256"]:
+                    return f"{self.full_path(rel)} has sha256 {digest}, manifest says {entry['sha256']}"
+        return None
+
 
 # ------------------------------------------------------------------------------------------- helpers
 class _ShardBuffer:

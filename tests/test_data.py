@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets import CIFAR10, CIFAR100, Places365
 
-from featrec_grid.data import TransformedDataset, load_dataset
+from featrec_grid.data import TransformedDataset, Unreadable, collate, load_dataset
 from featrec_grid.errors import UserError
 from featrec_grid.refs import DataRef
 
@@ -71,6 +71,17 @@ def test_digits_views():
         load_dataset(DataRef("digits", "test", {"view": "blurred"}))
     with pytest.raises(UserError, match="train, test, all"):
         load_dataset(DataRef("digits", "val"))
+
+
+def test_digits_in_memory_array_is_the_sklearn_pixels():
+    digits = load_digits()
+    test = load_dataset(DataRef("digits", "test", {"view": "inverted"}))
+    images, labels = test.in_memory()
+    expected = 255 - np.round(digits.images[test.indices] * 255 / 16).astype(np.uint8)
+    assert images.dtype == np.uint8 and np.array_equal(images, expected)
+    assert np.array_equal(labels, digits.target[test.indices])
+    limited = load_dataset(DataRef("digits", "test", {"view": "inverted", "limit": 7}))
+    assert np.array_equal(limited.in_memory()[0], expected[:7]) and len(limited.in_memory()[1]) == 7
 
 
 def test_transformed_dataset_and_limit():
@@ -143,6 +154,13 @@ def test_cifar_reads_real_format(tmp_path, monkeypatch, name, cls):
     test_images, test_labels = written[cls.test_list[0][0]]
     assert np.array_equal(np.asarray(test[0][0]), test_images[0]) and test[0][1] == test_labels[0]
     assert test.indices.tolist() == [0, 1, 2]
+    images, labels = train.in_memory()  # one uint8 array in row order: what the tensor pipeline slices
+    assert images.shape == (len(train), 32, 32, 3) and images.flags.c_contiguous
+    assert np.array_equal(images[-3:], written[train_files[-1]][0]) and labels[-3:].tolist() == labels_last(written, train_files)
+
+
+def labels_last(written, files) -> list[int]:
+    return list(written[files[-1]][1])
 
 
 def test_cifar_missing_files_say_where_and_how(tmp_path):
@@ -221,3 +239,32 @@ def test_image_folder(tmp_path):
         load_dataset(DataRef("folder", "all", {"root": str(tmp_path / "missing")}))
     with pytest.raises(UserError, match="root"):
         load_dataset(DataRef("folder", "all"))
+
+
+def test_image_folder_of_jpegs_rows_sorted_and_bad_files_named(tmp_path):
+    rng = np.random.default_rng(0)
+    written = {}
+    for path in ("b/z.jpg", "b/a.jpg", "a/sub/y.jpg", "a/x.jpeg", "a/notes.txt"):  # created out of order
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith(".txt"):
+            (tmp_path / path).write_text("not an image, and not an image extension: skipped")
+            continue
+        Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)).save(tmp_path / path, quality=85)
+        written[path] = np.asarray(Image.open(tmp_path / path).convert("RGB"))
+    ds = load_dataset(DataRef("folder", "all", {"root": str(tmp_path)}))
+    assert ds.classes == ["a", "b"] and ds.in_memory() is None
+    order = ["a/x.jpeg", "a/sub/y.jpg", "b/a.jpg", "b/z.jpg"]  # sorted walk: a folder's files before its sub-folders
+    assert [p for p, _ in ds.base.samples] == [str(tmp_path / p) for p in order]
+    assert ds.indices.tolist() == [0, 1, 2, 3]
+    for i, path in enumerate(order):
+        image, label = ds[i]
+        assert image.size == (40, 30) and np.array_equal(np.asarray(image), written[path]) and label == (i >= 2)
+    (tmp_path / "b" / "a.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(UserError, match=f"image {tmp_path / 'b' / 'a.jpg'} cannot be decoded"):
+        ds[2]
+    with pytest.raises(UserError, match="b/a.jpg cannot be decoded"):
+        TransformedDataset(ds, lambda im: im)[2]
+    x, label, index = TransformedDataset(ds, lambda im: im, carry_errors=True)[2]  # as data through workers
+    assert isinstance(x, Unreadable) and "b/a.jpg cannot be decoded" in x.message and (label, index) == (-1, 2)
+    assert isinstance(collate([(torch.zeros(1), 0, 0), (x, label, index)]), Unreadable)
+    assert collate([(torch.zeros(1), 0, 5), (torch.ones(1), 1, 6)])[2].tolist() == [5, 6]
