@@ -48,7 +48,7 @@ class Task:
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     deps: tuple[str, ...] = ()
-    cpus: float = 1.0
+    cpus: float | None = 1.0  # None: a GPU node's CPUs per GPU (at most 4) when the task gets a GPU, else 1
     gpus: float = 0.0
     retries: int = 2
     key: str | None = None
@@ -218,27 +218,44 @@ def _train_zoo(graph: Graph, spec: GridSpec, store: Store, model: str, rebuild: 
 
 
 def _extract(graph: Graph, spec: GridSpec, store: Store, model: str, data: DataRef, rebuild: bool) -> str:
-    """The extract task of (model, data): cached when the store holds a complete, checksum-valid set under its key.
-    A corrupt set is a UserError before anything runs, unless `rebuild`."""
+    """The extract task of (model, data), named extract_name(...): cached when the store holds a complete, checksum-
+    valid set under its key. A split longer than resources.rows_per_task is extracted as row ranges, one task each
+    (cached when that range is complete), and this task then only writes the split's manifest. A corrupt set is a
+    UserError before anything runs, unless `rebuild`."""
+    from .extract import row_ranges, split_rows
+
     name = extract_name(model, data)
     if graph.get(name) is not None:
         return name
     ref = spec.models[model]
     key = spec_shard_key(spec, ref, data)
     rel = store.split_dir(model, data)
-    status = TODO
+    r = spec.resources
+    meta = {"model": model, "data": data}
     if not rebuild:
         state = store.check_split(rel, key)
         if state.state == "corrupt":
             raise UserError(f"corrupt shard set at {store.full_path(rel)}: {state.reason}; rerun with --rebuild")
-        status = CACHED if state.state == "complete" else TODO
-    deps = _train_zoo(graph, spec, store, model, rebuild) if status == TODO else []
-    r = spec.resources
-    graph.add(Task(name, "extract", "featrec_grid.extract:extract_split", (ref, data, store),
-                   {"batch_size": r.batch_size, "rows_per_shard": r.rows_per_shard, "precision": r.precision,
-                    "rebuild": rebuild},
-                   deps=tuple(deps), cpus=1.0, gpus=r.gpus_per_extract, retries=r.max_retries, key=key,
-                   status=status, meta={"model": model, "data": data}))  # fmt: skip
+        if state.state == "complete":
+            graph.add(Task(name, "extract", "featrec_grid.extract:extract_split", key=key, status=CACHED, meta=meta))
+            return name
+    settings = {"batch_size": r.batch_size, "rows_per_shard": r.rows_per_shard, "precision": r.precision,
+                "rebuild": rebuild, "cpus": r.cpus_per_extract}  # cpus None: what the runtime gives the task
+    common = {"cpus": r.cpus_per_extract, "gpus": r.gpus_per_extract, "retries": r.max_retries, "key": key}
+    ranges = row_ranges(split_rows(data), r.rows_per_task, r.batch_size)
+    zoo = _train_zoo(graph, spec, store, model, rebuild)
+    if len(ranges) == 1:
+        graph.add(Task(name, "extract", "featrec_grid.extract:extract_split", (ref, data, store), settings,
+                       deps=tuple(zoo), meta=meta, **common))  # fmt: skip
+        return name
+    parts = []
+    for start, stop in ranges:
+        done = not rebuild and store.check_range(rel, key, start, stop).complete
+        parts.append(graph.add(Task(f"{name} rows {start}-{stop}", "extract", "featrec_grid.extract:extract_range",
+                                    (ref, data, store, start, stop), settings, deps=() if done else tuple(zoo),
+                                    status=CACHED if done else TODO, meta=meta, **common)).name)  # fmt: skip
+    graph.add(Task(name, "finish_split", "featrec_grid.extract:finish_split", (ref, data, store, ranges),
+                   {"precision": r.precision}, deps=tuple(parts), retries=r.max_retries, key=key, meta=meta))  # fmt: skip
     return name
 
 

@@ -130,12 +130,20 @@ def cluster_limits() -> tuple[float, float]:
             max((n["Resources"].get("GPU", 0) for n in nodes), default=0))  # fmt: skip
 
 
+MAX_AUTO_CPUS = 4  # what a task with cpus=None gets at most: enough decode workers to feed one GPU
+
+
 def clamp(task: Task, max_cpu: float, max_gpu: float) -> tuple[float, float]:
     """The (CPUs, GPUs) a task asks Ray for: never more than one node has (a task asking for a GPU on a cluster
-    without one would wait forever), a GPU share only where GPUs exist."""
+    without one would wait forever), a GPU share only where GPUs exist. `cpus` None: the node's CPUs per GPU (at
+    most MAX_AUTO_CPUS) when the task gets a GPU, else 1."""
     if max_cpu < 1:
         raise UserError("the Ray cluster has no node with a CPU; every task needs at least 1 CPU")
-    return min(task.cpus, max_cpu), (min(task.gpus, max_gpu) if max_gpu else 0.0)
+    gpus = min(task.gpus, max_gpu) if max_gpu else 0.0
+    cpus = task.cpus
+    if cpus is None:
+        cpus = max(1, min(MAX_AUTO_CPUS, int(max_cpu // max_gpu))) if gpus else 1
+    return min(cpus, max_cpu), gpus
 
 
 # ------------------------------------------------------------------------------------------------ task bodies
@@ -173,7 +181,7 @@ def execute(
     desc: str = "tasks",
 ) -> Execution:
     """Run every to-do task of `graph` on the connected Ray (see session), in dependency order, and return what
-    happened. Cached tasks count as reused and their stored value is what dependants receive. The result of a task
+    happened. A keyword argument `cpus` set to None receives the CPUs the task was given (see clamp). Cached tasks count as reused and their stored value is what dependants receive. The result of a task
     that other tasks take as an argument stays in Ray's object store (its value in the Execution is None)."""
     ray = _ray()
     from tqdm import tqdm
@@ -248,7 +256,8 @@ def execute(
                     continue  # searched once its whole group is ready, below
                 cpus, gpus = clamp(t, max_cpu, max_gpu)
                 opts = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": t.retries, "retry_exceptions": False}
-                values = [arg(a) for a in (*t.args, *t.kwargs.values())]
+                kwargs = {k: int(cpus) if k == "cpus" and v is None else v for k, v in t.kwargs.items()}
+                values = [arg(a) for a in (*t.args, *kwargs.values())]
                 value_ref, seconds_ref, node_ref = remote.options(**opts, name=t.name[:100]).remote(
                     t.fn, tuple(t.kwargs), *values)
                 inflight[seconds_ref] = (t, value_ref, node_ref)

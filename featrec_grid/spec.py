@@ -113,6 +113,12 @@ class Resources:
         "GPU share of each SGD fit, MLP trial and layer-CKA task, where the cluster has GPUs", low=0.0, high=1.0))
     max_retries: int = field(default=2, metadata=_doc("Ray retries of a task whose worker died", low=0, high=100))
     rows_per_shard: int = field(default=65536, metadata=_doc("rows per Arrow shard file", low=16, high=2**31))
+    cpus_per_extract: int | None = field(default=None, metadata=_doc(
+        "CPUs (DataLoader workers) of each extraction task; default: a GPU node's CPUs per GPU (at most 4) when the "
+        "task gets a GPU, else 1", low=1, high=256))
+    rows_per_task: int = field(default=1_000_000, metadata=_doc(
+        "split a (model, split) into row ranges of about this many rows, each its own task (and GPU); smaller "
+        "splits stay one task", low=1))
 
 
 @dataclass(frozen=True)

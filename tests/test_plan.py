@@ -270,3 +270,14 @@ def test_readme_spec_reference_is_the_generated_one():
     text = (Path(__file__).parents[1] / "README.md").read_text()
     found = re.search(r"<!-- spec-reference:start -->\n(.*)\n<!-- spec-reference:end -->", text, re.S)
     assert found and found.group(1) == markdown_reference(), "rerun: featrec-grid schema --markdown"
+
+
+def test_long_splits_become_row_range_tasks(tmp_path):
+    spec = _spec(tmp_path, "resources: {rows_per_task: 500, cpus_per_extract: 3}\n")
+    graph = plan_grid(spec)
+    train = [t for t in graph.of_kind("extract") if t.name.startswith("extract a digits/train rows")]
+    assert [t.args[3:5] for t in train] == [(0, 448), (448, 896), (896, 1257)]  # 1,257 rows on 64-row batches
+    finish = graph.get("extract a digits/train")
+    assert finish.kind == "finish_split" and finish.deps == tuple(t.name for t in train)
+    assert {t.cpus for t in train} == {3} and train[0].kwargs["cpus"] == 3 and train[0].deps == ("train_zoo a",)
+    assert graph.get("fit a -> b [ridge]").deps[0] == "extract a digits/train"  # fits wait for the whole split

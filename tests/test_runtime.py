@@ -11,6 +11,7 @@ import pytest
 from featrec_grid import runtime
 from featrec_grid.errors import UserError
 from featrec_grid.plan import CACHED, Graph, Ref, Task
+from featrec_grid.store import Store
 
 
 def _graph() -> Graph:
@@ -75,3 +76,36 @@ def test_unreachable_address_fails_in_seconds_with_one_line(tmp_path):
 def test_more_cpus_than_this_machine_has_is_refused():
     with pytest.raises(UserError, match="resources.num_cpus: 100000 is more than the"):
         runtime.connect(None, 100_000)
+
+
+@pytest.mark.slow
+def test_row_range_extraction_equals_one_task_and_resumes(tmp_path, ray_session):
+    """A split extracted as row-range tasks through the runtime holds the same rows, order and values as one
+    extract_split; after a range is deleted, the plan recomputes only that range."""
+    import numpy as np
+
+    from featrec_grid.extract import extract_split
+    from featrec_grid.grid import run_grid
+    from featrec_grid.plan import plan_grid
+    from featrec_grid.spec import load_spec
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: r\nstore: {tmp_path}/st\noutput: {tmp_path}/out\npairs: self\n"
+                    "models: {l0: {source: lite, architecture: tf_efficientnet_lite0, options: {img_size: 32}}}\n"
+                    "data: {train: {dataset: digits, split: train}, test: {dataset: digits, split: test}}\n"
+                    "resources: {rows_per_task: 300}\n")  # fmt: skip
+    spec = load_spec(path)
+    outcome = run_grid(spec, progress=False, echo=lambda _: None)
+    assert outcome.exit_code == 0, outcome.failures
+    one = Store(tmp_path / "one")
+    extract_split(spec.models["l0"], spec.train, one)
+    ranged = Store(spec.store)
+    a = ranged.read_split(ranged.split_dir("l0", spec.train))
+    b = one.read_split(one.split_dir("l0", spec.train))
+    for col in ("index", "label", "logits", "features"):
+        np.testing.assert_array_equal(a[col], b[col])
+    rel = tmp_path / "st" / "shards" / "digits" / "train" / "l0"
+    (rel / "manifest.json").unlink()
+    (rel / ranged.range_manifest_name(256, 512)).unlink()
+    todo = [t.name for t in plan_grid(spec, tmp_path / "out2").todo() if t.kind in ("extract", "finish_split")]
+    assert todo == ["extract l0 digits/train rows 256-512", "extract l0 digits/train"]
