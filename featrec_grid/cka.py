@@ -287,6 +287,51 @@ class HSICAccumulator:
         return cka_from_hsic(self.hsic_xy, self.hsic_xx, self.hsic_yy)
 
 
+def _layer_list(layers: Any, which: str) -> list[torch.Tensor]:
+    """One side of cka_from_features as a list of [n, ...] tensors: a sequence of arrays, a 3-D array [L, n, d]
+    (pytorch-cka's convention), or any other single array [n, ...] as one layer."""
+    if isinstance(layers, (np.ndarray, torch.Tensor)):
+        t = torch.as_tensor(layers)
+        items = list(t.unbind(0)) if t.ndim == 3 else [t]
+    else:
+        items = [torch.as_tensor(np.asarray(f)) if not isinstance(f, torch.Tensor) else f for f in layers]
+    if not items:
+        raise UserError(f"cka_from_features: {which} has no layers")
+    for i, f in enumerate(items):
+        if f.ndim < 2:
+            raise UserError(f"cka_from_features: {which}[{i}] has shape {tuple(f.shape)}, expected [n, features...]")
+    return [f.detach() for f in items]
+
+
+def cka_from_features(X_layers: Any, Y_layers: Any, debiased: bool = True) -> torch.Tensor:
+    """Linear CKA [L1, L2] (float64) between pre-extracted features of several layers of two models, on the same
+    n examples. Each side: a sequence of arrays [n, ...] (numpy or torch, any widths), a 3-D array [L, n, d], or
+    one array [n, ...] for a single layer. `debiased=True`: the unbiased HSIC that compare() and pytorch-cka
+    use (n >= 4); False: Kornblith's biased estimator. One centered Gram per layer, every pair from one product;
+    a layer without variance gets 0 and a CKAWarning."""
+    sides = [_layer_list(X_layers, "X_layers"), _layer_list(Y_layers, "Y_layers")]
+    n = sides[0][0].shape[0]
+    for which, side in zip(("X_layers", "Y_layers"), sides, strict=True):
+        for i, f in enumerate(side):
+            if f.shape[0] != n:
+                raise UserError(f"cka_from_features: {which}[{i}] has {f.shape[0]} rows, X_layers[0] has {n}")
+    if n < (MIN_BATCH if debiased else 2):
+        raise UserError(f"cka_from_features needs at least {MIN_BATCH if debiased else 2} examples, got {n}")
+    grams = [torch.stack([centered_gram(f).double() for f in side]) for side in sides]
+    if debiased:
+        xy, xx, yy = _hsic_in_place(*grams)
+    else:
+        flat1, flat2 = (g.reshape(g.shape[0], -1) for g in grams)
+        xy = flat1 @ flat2.T
+        xx, yy = (torch.linalg.vector_norm(f, dim=1).square() for f in (flat1, flat2))
+    cka, bad1, bad2 = cka_from_hsic(xy, xx, yy)
+    if bad1 or bad2:
+        warnings.warn(
+            f"CKA: layers without variance set to 0: X_layers {bad1}, Y_layers {bad2}", CKAWarning, stacklevel=2
+        )
+    return cka
+
+
 def minibatch_cka(batches: Iterable[tuple[Sequence[ArrayLike], Sequence[ArrayLike]]]) -> torch.Tensor:
     """Minibatch linear CKA [L1, L2] from batches of (side-1 layer features, side-2 layer features)."""
     acc = HSICAccumulator()
