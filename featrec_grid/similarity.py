@@ -26,6 +26,7 @@ from n x r bases. Pure: arrays in, records out; no files, no Ray.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -317,6 +318,7 @@ def model_similarity(
     sigma: float = 0.5,
     svcca_dims: int = 10,
     memory_mb: float = 512,
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Every measure for every ordered pair of the named representations (all [n, ...] over the same n
     examples, in the same order): records {measure, model_a, model_b, value}, model pairs in `reps` order,
@@ -327,7 +329,8 @@ def model_similarity(
     Parameters: k (neighbours, mutual_knn and cknna), sigma (RBF bandwidth as a fraction of the median distance),
     svcca_dims (SVCCA directions), memory_mb (bound on the kernel pass's block stacks). Float32 inputs give
     float32 Gram products of centred features (relative error ~1e-7), accumulated in float64; float64 inputs
-    stay float64 throughout."""
+    stay float64 throughout. `timings` (optional dict) receives seconds of the stages: "prepare" (all models),
+    "kernel_pass" (all pairs of the kernel measures) and "pairs" (all pairs of the others)."""
     chosen = _check_measures(measures)
     if not reps:
         raise UserError("model_similarity: no representations given")
@@ -349,9 +352,14 @@ def model_similarity(
     kernel = [m for m in chosen if m in KERNEL_MEASURES]
     block = choose_block_rows(len(names), n, len(kernel), memory_mb)
     per_model = int(max(1, min(n, memory_mb * 2**20 // (n * 8 * 4))))  # one model's [b, n] blocks and temps
+    clock = time.perf_counter()
     states = [_prepare(t, chosen, k, sigma, svcca_dims, per_model) for t in mats]
     del mats
+    stages = {"prepare": time.perf_counter() - clock}
+    clock = time.perf_counter()
     matrices = _kernel_similarities(states, kernel, n, block) if kernel else {}
+    stages["kernel_pass"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     for m in chosen:
         if m in matrices:
             continue
@@ -376,6 +384,9 @@ def model_similarity(
                 stacklevel=2,
             )
         matrices[m] = values
+    stages["pairs"] = time.perf_counter() - clock
+    if timings is not None:
+        timings.update(stages)
     return [
         {"measure": m, "model_a": a, "model_b": b, "value": float(matrices[m][i, j])}
         for m in chosen
