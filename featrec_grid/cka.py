@@ -439,8 +439,9 @@ class _LayerCapture:
     returns (so later in-place ops, ReLU(inplace=True) or `out += identity`, cannot change it, and activations are
     not kept) and its Gram is written straight into this batch's float64 stack [L, n, n].
 
-    A module run several times in one forward pass contributes its last call (as torch-cka does): from the second
-    batch on, such a module's Gram is computed once, after the forward pass, from its last call's features."""
+    A module run several times in one forward pass contributes its last call (as torch-cka does): the first batch
+    takes a Gram at every call (the last one stays) and counts the calls; later batches skip the calls before the
+    last one."""
 
     def __init__(
         self, model: nn.Module, layers: list[str], max_features: int | None, store: torch.device
@@ -454,8 +455,7 @@ class _LayerCapture:
         self.offset = torch.empty(0)
         self.calls: dict[str, int] = {}
         self.wrong: dict[str, tuple[int, ...]] = {}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.repeated: set[str] | None = None
+        self.expected: dict[str, int] | None = None  # calls per forward pass of each module, from batch 1
         self.reduced: dict[str, list[list[int]]] = {}
         self._buffers: dict[Any, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -470,7 +470,8 @@ class _LayerCapture:
         self._handles = []
 
     def _buffer(self, key: Any, x: torch.Tensor) -> torch.Tensor:
-        """A reused [n, d] buffer for the centered copy of x (flattened), allocated on first use per key."""
+        """A reused [n, d] buffer for the centered copy of x (flattened), allocated on first use per key (a
+        fresh copy per layer and batch would page-fault its memory in every time)."""
         buf = self._buffers.get(key)
         if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device:
             buf = self._buffers[key] = torch.empty_like(x)
@@ -482,29 +483,23 @@ class _LayerCapture:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             if not self.active:
                 return
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self.calls[name] = call = self.calls.get(name, 0) + 1
+            if self.expected is not None and call < self.expected[name]:
+                return  # a later call of this module is the one that counts
             x = self._features(name, output)
             if x.shape[0] != self.n:
                 self.wrong[name] = tuple(x.shape)
                 return
             x = x.reshape(self.n, -1)
             x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            later = self.repeated is not None and name in self.repeated
-            # one buffer per module run several times (its last call is used after the forward pass), else one
-            # per shape, shared by all layers of that shape since their Grams are taken at once
-            xc, offset = _center(x, out=self._buffer(name if later else (x.shape, x.dtype), x))
+            # one buffer per shape, shared by all layers of that shape: each Gram is taken at once
+            xc, offset = _center(x, out=self._buffer((x.shape, x.dtype), x))
             self.offset[i] = offset
-            if later:
-                self.pending[name] = xc
-            else:
-                self._gram(i, xc)
+            gram = xc @ xc.T
+            self.spread[i] = gram.diagonal().sum()
+            self.grams[i].copy_(gram)
 
         return hook
-
-    def _gram(self, i: int, xc: torch.Tensor) -> None:
-        gram = xc @ xc.T
-        self.spread[i] = gram.diagonal().sum()
-        self.grams[i].copy_(gram)
 
     def _features(self, name: str, output: Any) -> torch.Tensor:
         output = _output_tensor(name, output)
@@ -521,7 +516,7 @@ class _LayerCapture:
             self.grams = torch.empty(len(self.layers), n, n, dtype=torch.float64, device=self.store)
             self.spread = torch.zeros(len(self.layers), dtype=torch.float64, device=self.store)
             self.offset = torch.zeros(len(self.layers), dtype=torch.float64, device=self.store)
-        self.n, self.calls, self.pending, self.wrong = n, {}, {}, {}
+        self.n, self.calls, self.wrong = n, {}, {}
         self.active = True
 
     def finish(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -529,8 +524,6 @@ class _LayerCapture:
         constant within float32 resolution (their HSIC terms are set to exactly 0); learn which modules run more
         than once."""
         self.active = False
-        for name, xc in self.pending.items():
-            self._gram(self.index[name], xc)
         missing = [name for name in self.layers if name not in self.calls]
         if missing:
             raise UserError(
@@ -541,15 +534,22 @@ class _LayerCapture:
             raise UserError(
                 f"{which}: outputs of {wrong} do not have the batch ({self.n}) as their first dimension"
             )
-        if self.repeated is None:
-            self.repeated = {k for k, c in self.calls.items() if c > 1}
-            if self.repeated:
+        if self.expected is None:
+            self.expected = dict(self.calls)
+            repeated = sorted(k for k, c in self.calls.items() if c > 1)
+            if repeated:
                 warnings.warn(
-                    f"{which}: modules {sorted(self.repeated)} run several times per forward pass; "
+                    f"{which}: modules {repeated} run several times per forward pass; "
                     "CKA uses each one's last call (as torch-cka does)",
                     CKAWarning,
                     stacklevel=3,
                 )
+        fewer = {k: c for k, c in self.calls.items() if c < self.expected[k]}
+        if fewer:
+            raise UserError(
+                f"{which}: modules ran fewer times in this batch than in the first ({fewer} vs "
+                f"{ {k: self.expected[k] for k in fewer} }): their last call cannot be told in advance"
+            )
         return self.grams, ~_is_constant(self.spread, self.offset)
 
 

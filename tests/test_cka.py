@@ -604,3 +604,27 @@ def test_same_model_runs_one_forward_per_batch(same_layers):
     assert len(calls) == 4 and cka.export()["forward_passes_per_batch"] == 1
     expected = direct_minibatch_cka(m, m, layers1, layers2, inputs(dl), inputs(dl))
     assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
+
+
+class Twice(nn.Module):
+    """One Linear module called twice per forward pass: CKA must use its last call in every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.inp = nn.Linear(12, 6)
+        self.shared = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.shared(torch.relu(self.inp(x.flatten(1)[:, :12])))
+        return self.shared(h * h)
+
+
+def test_module_called_twice_uses_its_last_call_in_every_batch():
+    m1, m2 = Twice(), SmallCNN(4, seed=1)
+    dl = loader(48, 12, seed=6)
+    with pytest.warns(CKAWarning, match="run several times"):
+        cka = CKA(m1, m2, "t", "c", model1_layers=["inp", "shared"], model2_layers=["features.0", "fc"])
+        cka.compare(dl)
+    expected = direct_minibatch_cka(m1, m2, ["inp", "shared"], ["features.0", "fc"], inputs(dl), inputs(dl))
+    assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
