@@ -13,6 +13,7 @@ non-negative for K = L by construction (it is a squared norm), so CKA never take
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import math
 import warnings
@@ -142,6 +143,14 @@ def kernel_cka(X: ArrayLike, Y: ArrayLike, sigma: float = 0.5, debiased: bool = 
     return _cka_from_grams(rbf_gram(x, sigma), rbf_gram(y, sigma), debiased)
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A vector of n entries 1/n: the mean of rows as one matrix-vector product (a normal tensor even when first
+    made under inference mode, so that it can be cached and reused anywhere)."""
+    with torch.inference_mode(False):
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+
+
 def _center(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch of features [n, ...] -> (features [n, d] minus their batch mean, n |mean|^2); float64 stays
     float64, any other dtype becomes float32. `out` (optional, [n, d]) receives the result so that a caller can
@@ -149,7 +158,7 @@ def _center(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Ten
     x = x.reshape(x.shape[0], -1)
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     n = x.shape[0]
-    mean = torch.full((n,), 1.0 / n, dtype=x.dtype, device=x.device) @ x  # a gemv: 2-3x faster than mean(0)
+    mean = _mean_weights(n, x.dtype, x.device) @ x  # a gemv: 2-3x faster than x.mean(0) on CPU
     xc = x - mean if out is None else torch.sub(x, mean, out=out)
     return xc, mean.dot(mean) * n
 
@@ -451,8 +460,7 @@ class _LayerCapture:
         self.active = False
         self.n = 0
         self.grams = torch.empty(0)
-        self.spread = torch.empty(0)
-        self.offset = torch.empty(0)
+        self.offsets: list[torch.Tensor | None] = []
         self.calls: dict[str, int] = {}
         self.wrong: dict[str, tuple[int, ...]] = {}
         self.expected: dict[str, int] | None = None  # calls per forward pass of each module, from batch 1
@@ -492,12 +500,11 @@ class _LayerCapture:
                 return
             x = x.reshape(self.n, -1)
             x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            # one buffer per shape, shared by all layers of that shape: each Gram is taken at once
+            # one buffer per shape, shared by all layers of that shape: each Gram is taken at once. Few ops per
+            # hook (a gemv mean, one subtraction, one product, one copy): under CPU contention every op costs
             xc, offset = _center(x, out=self._buffer((x.shape, x.dtype), x))
-            self.offset[i] = offset
-            gram = xc @ xc.T
-            self.spread[i] = gram.diagonal().sum()
-            self.grams[i].copy_(gram)
+            self.offsets[i] = offset
+            self.grams[i].copy_(xc @ xc.T)
 
         return hook
 
@@ -514,8 +521,7 @@ class _LayerCapture:
         """Prepare for one batch of n examples (the float64 Gram stack is reused while n stays the same)."""
         if self.grams.shape != (len(self.layers), n, n):
             self.grams = torch.empty(len(self.layers), n, n, dtype=torch.float64, device=self.store)
-            self.spread = torch.zeros(len(self.layers), dtype=torch.float64, device=self.store)
-            self.offset = torch.zeros(len(self.layers), dtype=torch.float64, device=self.store)
+        self.offsets = [None] * len(self.layers)
         self.n, self.calls, self.wrong = n, {}, {}
         self.active = True
 
@@ -550,7 +556,9 @@ class _LayerCapture:
                 f"{which}: modules ran fewer times in this batch than in the first ({fewer} vs "
                 f"{ {k: self.expected[k] for k in fewer} }): their last call cannot be told in advance"
             )
-        return self.grams, ~_is_constant(self.spread, self.offset)
+        spread = self.grams.diagonal(dim1=-2, dim2=-1).sum(-1)
+        offsets = torch.stack([o.to(self.store, torch.float64) for o in self.offsets])
+        return self.grams, ~_is_constant(spread, offsets)
 
 
 def _batch_input(batch: Any, which: str) -> torch.Tensor:
