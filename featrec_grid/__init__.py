@@ -9,6 +9,8 @@ Public API (imported lazily so `featrec-grid --help` stays fast):
     head_analysis                      why self-reconstruction succeeds or fails for a head (W, b)
     pair_metrics, PairMetrics          reconstruction metrics
     CKA, linear_cka, kernel_cka        representation similarity
+    cka_from_features                  layer CKA of pre-extracted features
+    model_similarity, similarity_frame   mutual kNN, CKNNA, debiased/RBF CKA, SVCCA for all model pairs
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ _EXPORTS = {
     "CKA": "cka",
     "linear_cka": "cka",
     "kernel_cka": "cka",
+    "cka_from_features": "cka",
+    "model_similarity": "similarity",
+    "similarity_frame": "similarity",
     "UserError": "errors",
 }
 

@@ -459,3 +459,172 @@ def test_parity_with_torch_cka_float64_and_its_float32_drift():
         assert got[key] == results["f32"][key], key
     assert got["CKA"].shape == results["f32"]["CKA"].shape == (4, 4)
     assert isinstance(got["CKA"], torch.Tensor)
+
+
+# ---------------------------------------------------------------- what pytorch-cka 1.1.3 offers
+
+
+def test_cka_from_features_matches_direct_formulas_for_every_input_form():
+    from featrec_grid.cka import cka_from_features
+
+    rng = np.random.default_rng(21)
+    base = rng.normal(size=(30, 4))
+    xs = [base @ rng.normal(size=(4, d)) + rng.normal(size=(30, d)) + 5 for d in (3, 12)]
+    ys = [np.tanh(base @ rng.normal(size=(4, 7))), rng.normal(size=(30, 2, 3))]
+
+    def unbiased(a, b):
+        a, b = flat64(torch.tensor(a)), flat64(torch.tensor(b))
+        ka, kb = a @ a.T, b @ b.T
+        return song_hsic(ka, kb) / np.sqrt(song_hsic(ka, ka) * song_hsic(kb, kb))
+
+    expected = np.array([[unbiased(a, b) for b in ys] for a in xs])
+    got = cka_from_features(xs, [torch.tensor(y) for y in ys])
+    assert got.dtype == torch.float64 and got.shape == (2, 2)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-10)
+    biased = cka_from_features(xs, ys, debiased=False).numpy()
+    flat_ys = [flat64(torch.tensor(b)) for b in ys]
+    np.testing.assert_allclose(
+        biased, [[direct_linear_cka(a - a.mean(0), b - b.mean(0)) for b in flat_ys] for a in xs], atol=1e-10
+    )
+    stacked = torch.tensor(np.stack([xs[1], xs[1] * 2]))  # 3-D [L, n, d]
+    np.testing.assert_allclose(
+        cka_from_features(stacked, xs[0]).numpy(),
+        [[unbiased(xs[1], xs[0])], [unbiased(xs[1] * 2, xs[0])]],
+        atol=1e-10,
+    )
+    with pytest.raises(UserError, match=r"Y_layers\[0\] has 29 rows"):
+        cka_from_features(xs, [ys[0][:29]])
+
+
+def test_cka_from_features_agrees_with_pytorch_cka_in_float64():
+    cka_pkg = pytest.importorskip("cka", reason="pytorch-cka is in the test extra: pip install -e '.[test]'")
+    from featrec_grid.cka import cka_from_features
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, 16, generator=g, dtype=torch.float64)
+    y = x[[2, 0]] @ torch.randn(16, 16, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        2, 40, 16, generator=g, dtype=torch.float64
+    )
+    theirs = cka_pkg.cka_from_features(x, y)  # their unbiased HSIC, uncentered float64 Grams, clamped to [0, 1]
+    ours = cka_from_features(x, y).numpy()
+    inside = (theirs.numpy() > 0) & (theirs.numpy() < 1)
+    assert inside.sum() >= 4
+    np.testing.assert_allclose(ours[inside], theirs.numpy()[inside], atol=1e-10)
+    assert (ours[~inside] < 0).all()  # an unbiased estimate below 0, which pytorch-cka reports as 0
+
+
+class HFStyle(nn.Module):
+    """Submodules returning a Hugging Face-style output object, a dict and a tuple."""
+
+    class Output(dict):
+        def __getattr__(self, key):
+            return self[key]
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Linear(6, 8)
+        self.block = nn.Linear(8, 8)
+        self.pair = nn.GRU(8, 5, batch_first=True)  # returns (output, h_n)
+
+    def forward(self, x):
+        h = self.embed(x)
+        out = self.Output(last_hidden_state=torch.relu(self.block(h)), pooler_output=h.mean(1))
+        y, _ = self.pair(out.last_hidden_state)
+        return {"logits": y.mean(1)}
+
+
+def test_hugging_face_style_outputs_tuples_and_dicts():
+    m1, m2 = HFStyle(), SmallCNN(4, seed=1)
+    outs: dict[str, torch.Tensor] = {}
+
+    class Wrap(nn.Module):  # makes `block` return the HF-style object
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return HFStyle.Output(last_hidden_state=self.inner(h), other=torch.zeros(1))
+
+    m1.block = Wrap(m1.block)
+    m1.forward = lambda x: {  # noqa: E731 - the model returns a dict as HF models do
+        "logits": m1.pair(torch.relu(m1.block(m1.embed(x)).last_hidden_state))[0].mean(1)
+    }
+    hooks = [
+        m1.block.register_forward_hook(lambda _m, _i, o: outs.__setitem__("block", o.last_hidden_state.clone())),
+        m1.pair.register_forward_hook(lambda _m, _i, o: outs.__setitem__("pair", o[0].clone())),
+    ]
+    x = torch.randn(24, 5, 6, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m1(x)
+    for h in hooks:
+        h.remove()
+    f2 = capture(m2, ["fc"], images)
+    cka = CKA(m1, m2, "hf", "cnn", model1_layers=["block", "pair"], model2_layers=["fc"])
+    cka.compare(
+        DataLoader(TensorDataset(x), batch_size=24),
+        [{"pixel_values": images}],  # a dict batch, as an HF image processor gives
+    )
+    for i, name in enumerate(["block", "pair"]):
+        a = flat64(outs[name])
+        k, ell = a @ a.T, f2["fc"] @ f2["fc"].T
+        expected = song_hsic(k, ell) / np.sqrt(song_hsic(k, k) * song_hsic(ell, ell))
+        assert cka.export()["CKA"][i, 0].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_data_parallel_is_unwrapped_and_layers_by_index():
+    m1, m2 = SmallCNN(6, seed=0), SmallCNN(5, seed=1, depth=3)
+    dl = loader(32, 8, seed=3)
+    plain = CKA(m1, m2, model1_layers=["features.0", "fc"], model2_layers=["fc"])
+    plain.compare(dl)
+    names = [n for n, _ in m1.named_modules()][1:]
+    wrapped = CKA(
+        nn.DataParallel(m1), m2, model1_layers=[names.index("features.0"), "module.fc"], model2_layers=[-1]
+    )
+    assert wrapped.model1 is m1
+    assert wrapped.model1_layers == ["features.0", "fc"] and wrapped.model2_layers == ["fc"]
+    wrapped.compare(dl)
+    assert torch.equal(wrapped.export()["CKA"], plain.export()["CKA"])
+    with pytest.raises(UserError, match=r"index 99 is out of range.*allowed: -\d+ to \d+"):
+        CKA(m1, m2, model1_layers=[99])
+
+
+@pytest.mark.parametrize("same_layers", [True, False])
+def test_same_model_runs_one_forward_per_batch(same_layers):
+    m = SmallCNN(6, seed=5, depth=3)
+    layers1 = ["features.0", "features.2", "fc"]
+    layers2 = layers1 if same_layers else ["features.2", "features.4", "pool"]
+    calls = []
+    handle = m.register_forward_pre_hook(lambda *_: calls.append(1))
+    dl = loader(40, 10, seed=4)
+    cka = CKA(m, m, "m", "m", model1_layers=layers1, model2_layers=layers2)
+    cka.compare(dl)
+    handle.remove()
+    assert len(calls) == 4 and cka.export()["forward_passes_per_batch"] == 1
+    expected = direct_minibatch_cka(m, m, layers1, layers2, inputs(dl), inputs(dl))
+    assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
+
+
+class Twice(nn.Module):
+    """One Linear module called twice per forward pass: CKA must use its last call in every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.inp = nn.Linear(12, 6)
+        self.shared = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.shared(torch.relu(self.inp(x.flatten(1)[:, :12])))
+        return self.shared(h * h)
+
+
+def test_module_called_twice_uses_its_last_call_in_every_batch():
+    m1, m2 = Twice(), SmallCNN(4, seed=1)
+    dl = loader(48, 12, seed=6)
+    with pytest.warns(CKAWarning, match="run several times"):
+        cka = CKA(m1, m2, "t", "c", model1_layers=["inp", "shared"], model2_layers=["features.0", "fc"])
+        cka.compare(dl)
+    expected = direct_minibatch_cka(m1, m2, ["inp", "shared"], ["features.0", "fc"], inputs(dl), inputs(dl))
+    assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
