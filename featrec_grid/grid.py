@@ -103,12 +103,16 @@ def _run_grid(spec: GridSpec, out_dir: Path, address: str | None, rebuild: bool,
             heads[task.meta["model"]] = value
         elif task.kind == "cka":
             reduce.save_cka(out_dir, task.meta["column"], value, task.key)
+        elif task.kind == "similarity":
+            reduce.save_similarity(out_dir, task.meta["setting"], task.meta["column"], value, task.key)
 
     with runtime.session(address, spec.resources.num_cpus):
         run = runtime.execute(graph, on_result=save, progress=progress)
     outcome = GridOutcome(computed=run.computed("fit"), reused=run.reused("fit"), failed=run.failed("fit"),
                           failures=run.failures, user_error=run.user_error)  # fmt: skip
     reduce.save_tasks(out_dir, "run", run.table())
+    reduce.write_similarity(out_dir, [row for t in graph.of_kind("similarity") if run.values.get(t.name)
+                                      for row in run.values[t.name]])  # fmt: skip
     fits = [rows[t.name] for t in graph.of_kind("fit") if t.name in rows]  # spec order
     models = pd.DataFrame.from_records([heads.get(m) or placeholder_row(ref) for m, ref in spec.models.items()])
     _finish(spec, out_dir, outcome, fits, models, time.perf_counter() - t_start, echo)

@@ -397,19 +397,25 @@ def fit_pair(
     return row
 
 
-def model_cka(store: Store, models: list[str], test: DataRef, column: str, max_rows: int = 4096) -> dict[str, Any]:
-    """Linear CKA between every two models' `column` (features or logits) on the first `max_rows` test rows."""
-    from .cka import cka_matrix
-
+def _same_rows(store: Store, models: list[str], test: DataRef, column: str, max_rows: int) -> list[np.ndarray]:
+    """Every model's `column` on the first `max_rows` test rows, after checking that the models hold the same rows
+    in the same order (model-level measures pair rows by position)."""
     splits = [store.read_split(store.split_dir(m, test), columns=["index", column]) for m in models]
     for m, split in zip(models[1:], splits[1:], strict=True):
         n = min(len(splits[0]["index"]), len(split["index"]), max_rows)
         if not np.array_equal(splits[0]["index"][:n], split["index"][:n]):
             raise ValueError(
                 f"models {models[0]} and {m} hold different {test.key}/{test.split} rows (row ids differ in the first "
-                f"{n}); CKA pairs rows by position: re-extract with --rebuild"
+                f"{n}); model-level measures pair rows by position: re-extract with --rebuild"
             )
-    reps = [split[column][:max_rows] for split in splits]
+    return [split[column][:max_rows] for split in splits]
+
+
+def model_cka(store: Store, models: list[str], test: DataRef, column: str, max_rows: int = 4096) -> dict[str, Any]:
+    """Linear CKA between every two models' `column` (features or logits) on the first `max_rows` test rows."""
+    from .cka import cka_matrix
+
+    reps = _same_rows(store, models, test, column, max_rows)
     return {
         "models": list(models),
         "column": column,
@@ -417,3 +423,17 @@ def model_cka(store: Store, models: list[str], test: DataRef, column: str, max_r
         "estimator": f"linear CKA (Kornblith et al. 2019) on the first {max_rows} test rows at most, float64",
         "cka": cka_matrix(reps).tolist(),
     }
+
+
+SIMILARITY_MAX_ROWS = 10_000
+
+
+def model_similarity_rows(store: Store, models: list[str], test: DataRef, column: str, setting: str,
+                          max_rows: int = SIMILARITY_MAX_ROWS) -> list[dict[str, Any]]:  # fmt: skip
+    """similarity.model_similarity (every measure, every ordered pair) of the models' `column` on the first
+    `max_rows` test rows of one setting: records {measure, representation, setting, model_a, model_b, value}."""
+    from .similarity import model_similarity
+
+    reps = dict(zip(models, _same_rows(store, models, test, column, max_rows), strict=True))
+    return [{"measure": r["measure"], "representation": column, "setting": setting, "model_a": r["model_a"],
+             "model_b": r["model_b"], "value": float(r["value"])} for r in model_similarity(reps)]  # fmt: skip

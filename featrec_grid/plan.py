@@ -22,6 +22,7 @@ from .refs import DataRef, ModelRef
 from .spec import Cell, FitSpec, GridSpec
 from .store import Store
 
+SIMILARITY_VERSION = 1
 PAIR_VERSION = 2  # 2: bootstrap intervals and drill-down data in every pair row
 CKA_COLUMNS = ("features", "logits")
 TODO, CACHED = "todo", "cached"
@@ -277,7 +278,7 @@ def ridge_tasks(graph: Graph, store: Store, source: str, target: str, train: Dat
 # ------------------------------------------------------------------------------------------------ the grid
 def plan_grid(spec: GridSpec, output: str | Path | None = None, *, rebuild: bool = False) -> Graph:
     """The whole grid: pair fits (ridge after its source statistics, sgd, mlp searched with Ray Tune), each model's
-    head analysis, model-level CKA of features and logits, and the extraction and zoo training they need. A result
+    head analysis, model-level CKA of features and logits, the similarity measures of every setting, and the extraction and zoo training they need. A result
     whose key matches what `output` holds is cached, and then nothing it depends on is planned. Fits come in spec
     order (pair_todo)."""
     out = Path(output or spec.output)
@@ -321,6 +322,21 @@ def plan_grid(spec: GridSpec, output: str | Path | None = None, *, rebuild: bool
         dep = _extract(graph, spec, store, m, spec.test, rebuild)
         graph.add(Task(name, "head", "featrec_grid.model_table:model_row", (store, spec.models[m], spec.test),
                        deps=(dep,), retries=r.max_retries, key=key, meta={"model": m}))  # fmt: skip
+
+    for st in spec.settings:
+        for column in CKA_COLUMNS:
+            name = f"similarity {column} {st.label} ({len(used)} models)"
+            key = _digest([[m, spec_shard_key(spec, spec.models[m], st.test)] for m in used] + [SIMILARITY_VERSION])
+            meta = {"column": column, "setting": st.label}
+            found = None if rebuild else reduce.load_keyed(reduce.similarity_path(out, st.label, column), key)
+            if found is not None:
+                graph.add(Task(name, "similarity", "featrec_grid.pairs:model_similarity_rows", key=key, status=CACHED,
+                               value=found["rows"], meta=meta))  # fmt: skip
+                continue
+            deps = [_extract(graph, spec, store, m, st.test, rebuild) for m in used]
+            graph.add(Task(name, "similarity", "featrec_grid.pairs:model_similarity_rows",
+                           (store, used, st.test, column, st.label), deps=tuple(deps), retries=r.max_retries,
+                           key=key, meta=meta))  # fmt: skip
 
     ckey = cka_key(spec, used)
     for column in CKA_COLUMNS:

@@ -40,7 +40,7 @@ from .report import Download, Section, model_order, write_report
 from .spec import GridSpec
 
 INVERSION_SUMMARY = ["target_prob", "heldout_prob", "retrieval_top1", "chance", "ssim", "psnr"]
-SIMILARITY_COLUMNS = ["measure", "representation", "setting", "model_a", "model_b", "value"]
+SIMILARITY_COLUMNS = reduce.SIMILARITY_COLUMNS
 MAX_THUMBNAILS = 400  # images embedded for the drill-down panels, all pairs together
 THUMB_PX = 64
 _DOWNLOAD_FIRST = ("results.parquet", "agreement.csv", "agreement.json", "models.parquet", "spec.resolved.yaml")

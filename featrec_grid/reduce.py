@@ -221,3 +221,21 @@ def save_tasks(output: Path, command: str, records: list[dict[str, Any]]) -> Non
         old = pd.read_parquet(path)
         frame = pd.concat([old[old["command"] != command], frame], ignore_index=True) if len(old) else frame
     write_atomic(path, frame.to_parquet(index=False))
+
+
+def similarity_path(output: Path, setting: str, column: str) -> Path:
+    return Path(output) / "similarity" / f"{setting}__{column}.json"
+
+
+def save_similarity(output: Path, setting: str, column: str, rows: list[dict[str, Any]], key: str) -> None:
+    """One (setting, representation)'s similarity records, saved the moment its task ends, with its key."""
+    save_keyed(similarity_path(output, setting, column), {"rows": rows}, key)
+
+
+SIMILARITY_COLUMNS = ["measure", "representation", "setting", "model_a", "model_b", "value"]
+
+
+def write_similarity(output: Path, rows: list[dict[str, Any]]) -> None:
+    """similarity.parquet: one row per measure, representation (features, logits), setting and ordered model pair."""
+    frame = pd.DataFrame.from_records(rows, columns=SIMILARITY_COLUMNS)
+    write_atomic(Path(output) / "similarity.parquet", frame.to_parquet(index=False))

@@ -145,7 +145,7 @@ def test_plan_is_what_run_executes(run):
     todo = [t for t in planned if t["status"] == "todo"]
     assert sorted(t["name"] for t in todo) == sorted(done["name"]) and len(todo) == len(done)
     assert {t["name"]: t["kind"] for t in todo} == dict(zip(done["name"], done["kind"], strict=True))
-    assert {t["kind"] for t in todo} == {"train_zoo", "extract", "source_stats", "fit", "head", "cka"}
+    assert {t["kind"] for t in todo} == {"train_zoo", "extract", "source_stats", "fit", "head", "similarity", "cka"}
     order = [t["name"] for t in planned]
     assert all(order.index(d) < order.index(t["name"]) for t in planned for d in t["deps"])
     assert (done["seconds"] > 0).all() and set(done["node"]) <= {"127.0.0.1", "tune"}

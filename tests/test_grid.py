@@ -162,6 +162,32 @@ def test_model_level_cka_matches_direct_computation(grid):
     assert "Representation similarity (CKA)" in (tmp / "g" / "index.html").read_text()
 
 
+def test_similarity_table_from_the_shards(grid):
+    """similarity.parquet: every measure for every ordered pair, features and logits; linear CKA and mutual kNN
+    (k = 10) recomputed here from the shards read with pyarrow alone."""
+    tmp, *_ = grid
+    sim = pd.read_parquet(tmp / "g" / "similarity.parquet")
+    models = ["mlp", "cnn", "lite0"]
+    assert set(sim["representation"]) == {"features", "logits"} and set(sim["setting"]) == {"digits"}
+    assert len(sim) == sim["measure"].nunique() * 2 * len(models) ** 2
+    for column in ("features", "logits"):
+        reps = {m: _arrays(tmp / "store", m, "test")[column].astype(np.float64) for m in models}
+        for a in models:
+            for b in models:
+                got = sim.set_index(["measure", "representation", "model_a", "model_b"])["value"]
+                x, y = reps[a] - reps[a].mean(0), reps[b] - reps[b].mean(0)
+                cka = np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+                assert got[("linear_cka", column, a, b)] == pytest.approx(cka, rel=1e-5)
+                na = reps[a] / np.linalg.norm(reps[a], axis=1, keepdims=True)
+                nb = reps[b] / np.linalg.norm(reps[b], axis=1, keepdims=True)
+                ka, kb = na @ na.T, nb @ nb.T
+                np.fill_diagonal(ka, -np.inf)
+                np.fill_diagonal(kb, -np.inf)
+                ia, ib = np.argsort(-ka, axis=1)[:, :10], np.argsort(-kb, axis=1)[:, :10]
+                mutual = np.mean([len(set(p) & set(q)) / 10 for p, q in zip(ia, ib, strict=True)])
+                assert got[("mutual_knn", column, a, b)] == pytest.approx(mutual, abs=1e-9)
+
+
 def test_unwritable_store_exits_2_before_any_work(tmp_path):
     """A store under a regular file cannot be created (even as root): exit 2, one line, nothing written."""
     blocker = tmp_path / "file"

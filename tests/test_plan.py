@@ -63,7 +63,8 @@ def test_grid_graph_kinds_dependencies_and_refs(tmp_path):
     graph = plan_grid(spec)
     assert graph.counts() == {"train_zoo": {TODO: 2, CACHED: 0}, "extract": {TODO: 4, CACHED: 0},
                               "source_stats": {TODO: 2, CACHED: 0}, "fit": {TODO: 8, CACHED: 0},
-                              "head": {TODO: 2, CACHED: 0}, "cka": {TODO: 2, CACHED: 0}}
+                              "head": {TODO: 2, CACHED: 0}, "similarity": {TODO: 2, CACHED: 0},
+                              "cka": {TODO: 2, CACHED: 0}}
     names = list(graph.tasks)
     for task in graph.tasks.values():  # dependency order: every dependency planned before its task
         assert all(names.index(d) < names.index(task.name) for d in task.all_deps())
@@ -137,7 +138,7 @@ def test_plan_cli_json_and_statuses(tmp_path):
     assert all(set(t) == {"name", "kind", "status", "deps", "resources", "runner"} for t in tasks)
     text = CliRunner().invoke(main, ["plan", str(tmp_path / "p.yaml")]).output
     assert "  cached  extract a digits/train" in text and "train_zoo a" not in text
-    assert "19 tasks, 17 to do" in text  # b: train_zoo, 2 extracts; both: 2 stats, 8 fits, 2 heads, 2 CKA
+    assert "21 tasks, 19 to do" in text  # b: train_zoo, 2 extracts; both: 2 stats, 8 fits, 2 heads, 2 sim., 2 CKA
     inv = CliRunner().invoke(main, ["plan", str(tmp_path / "p.yaml"), "--for", "invert"])
     assert inv.exit_code == 0 and "decoder a" in inv.output and "fit a" not in inv.output
 

@@ -90,5 +90,6 @@ def test_plan_prints_every_task(tmp_path):
     result = CliRunner().invoke(main, ["plan", str(spec)])
     assert result.exit_code == 0, result.output
     # 2 zoo trainings + 4 extractions + 2 source stats + 4 pairs x 2 methods + 2 head analyses + 2 model-level CKA
-    assert "20 tasks, 20 to do" in result.output
+    # + 2 similarity tasks (features, logits)
+    assert "22 tasks, 22 to do" in result.output
     assert "fit a -> b [sgd]" in result.output and "train_zoo a" in result.output
