@@ -10,7 +10,7 @@ Public API (imported lazily so `featrec-grid --help` stays fast):
     pair_metrics, PairMetrics          reconstruction metrics
     CKA, linear_cka, kernel_cka        representation similarity
     cka_from_features                  layer CKA of pre-extracted features
-    model_similarity, similarity_frame   mutual kNN, CKNNA, debiased/RBF CKA, SVCCA for all model pairs
+    model_similarity                   mutual kNN, CKNNA, debiased/RBF CKA, SVCCA for all model pairs
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ _EXPORTS = {
     "kernel_cka": "cka",
     "cka_from_features": "cka",
     "model_similarity": "similarity",
-    "similarity_frame": "similarity",
     "UserError": "errors",
 }
 

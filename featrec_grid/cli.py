@@ -280,11 +280,14 @@ def bench_extract(
 
 @bench.command("cka")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def bench_cka(as_json: bool) -> None:
-    """Our CKA vs torch-cka on ResNet18 vs ResNet34: time, bare forward time, error against float64."""
+@click.option("--device", default="cpu", show_default=True, callback=lambda ctx, param, v: _device(v),
+              help="cpu, cuda or cuda:N.")
+def bench_cka(as_json: bool, device: str) -> None:
+    """Our CKA vs torch-cka, pytorch-cka and ckatorch on ResNet18 vs ResNet34 (light and heavy case): time, bare
+    forward time, error against the float64 estimator."""
     from .bench.cka import format_cka_bench, run_cka_bench
 
-    _emit(run_cka_bench(), as_json, format_cka_bench)
+    _emit(run_cka_bench(device=device), as_json, format_cka_bench)
 
 
 @bench.command("scale")
@@ -293,11 +296,18 @@ def bench_cka(as_json: bool) -> None:
               help="Rows of the big synthetic pair.")
 @click.option("--models", default=16, type=click.IntRange(min=1, max=256), show_default=True,
               help="Models of the synthetic grid (N^2 pairs).")
-def bench_scale(as_json: bool, rows: int, models: int) -> None:
-    """Memory-bounded fit of a 1M x 1000 -> 2048 pair from shards (peak RSS), and how a synthetic grid grows with N."""
+@click.option("--similarity-models", default=8, type=click.IntRange(min=2, max=256), show_default=True,
+              help="Models of the similarity-measure part (32 is the grid scale).")
+@click.option("--similarity-rows", default=2000, type=click.IntRange(min=4), show_default=True,
+              help="Test rows of the similarity-measure part (10000 is the grid scale).")
+def bench_scale(as_json: bool, rows: int, models: int, similarity_models: int, similarity_rows: int) -> None:
+    """Memory-bounded fit of a 1M x 1000 -> 2048 pair from shards (peak RSS), how a synthetic grid grows with N,
+    and the cost of the model-level similarity measures (seconds per model and per pair, peak memory)."""
     from .bench.scale import format_scale_bench, run_scale_bench
 
-    _emit(run_scale_bench(rows=rows, models=models), as_json, format_scale_bench)
+    result = run_scale_bench(rows=rows, models=models, similarity_models=similarity_models,
+                             similarity_rows=similarity_rows)  # fmt: skip
+    _emit(result, as_json, format_scale_bench)
 
 
 if __name__ == "__main__":

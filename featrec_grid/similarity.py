@@ -420,14 +420,3 @@ def cknna(X: ArrayLike, Y: ArrayLike, k: int = 10) -> float:
 def svcca(X: ArrayLike, Y: ArrayLike, dims: int = 10) -> float:
     """SVCCA of Raghu et al. 2017 with the top `dims` singular directions (see the module docstring)."""
     return similarity(X, Y, "svcca", svcca_dims=dims)
-
-
-def similarity_frame(records: Sequence[Mapping[str, Any]], representation: str, setting: str) -> Any:
-    """A pandas DataFrame with similarity.parquet's columns (measure, representation, setting, model_a, model_b,
-    value) from model_similarity's records for one representation (features or logits) and one setting."""
-    import pandas as pd
-
-    frame = pd.DataFrame.from_records(list(records), columns=["measure", "model_a", "model_b", "value"])
-    frame.insert(1, "representation", representation)
-    frame.insert(2, "setting", setting)
-    return frame

@@ -11,10 +11,8 @@ from featrec_grid.similarity import (
     SimilarityWarning,
     choose_block_rows,
     cknna,
-    describe_measures,
     model_similarity,
     mutual_knn,
-    similarity_frame,
     svcca,
 )
 
@@ -228,11 +226,3 @@ def test_constant_representation_is_nan_with_a_warning():
         got = model_similarity(data, ["linear_cka"])
     values = {(r["model_a"], r["model_b"]): r["value"] for r in got}
     assert np.isnan(values["flat", "a"]) and np.isfinite(values["a", "b"])
-
-
-def test_similarity_frame_has_the_parquet_columns():
-    records = model_similarity(reps(n=20), ["linear_cka", "mutual_knn"], k=3)
-    frame = similarity_frame(records, "logits", "digits")
-    assert list(frame.columns) == ["measure", "representation", "setting", "model_a", "model_b", "value"]
-    assert len(frame) == 2 * 16 and set(frame["representation"]) == {"logits"}
-    assert set(describe_measures(["cknna"], k=3)) == {"cknna"}

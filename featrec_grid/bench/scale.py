@@ -26,6 +26,7 @@ import numpy as np
 
 from ..refs import DataRef
 from ..store import Store
+from .similarity import format_similarity_scale, run_similarity_scale
 
 LATENT = 64  # the rows' hidden cause: every synthetic model sees the same latent through its own weights
 SMALL = 16  # width of the columns (a) does not fit: source features, target logits
@@ -380,8 +381,11 @@ def run_scale_bench(
     grid_dim: int = 256,
     num_cpus: int = 2,
     blas_threads: int = 1,
+    similarity_models: int = 8,
+    similarity_rows: int = 2000,
 ) -> dict[str, Any]:
-    """Both parts: (a) the big pair's write and fit (peak RSS of the fit), (b) the N x N grid scaling.
+    """(a) the big pair's write and fit (peak RSS of the fit), (b) the N x N grid scaling, (c) the model-level
+    similarity measures for `similarity_models` models on `similarity_rows` rows (bench.similarity).
 
     Task bodies run with `blas_threads` BLAS threads, as in a Ray task with num_cpus=1.
     """
@@ -391,6 +395,7 @@ def run_scale_bench(
         "grid": grid_scaling(
             models, grid_rows, grid_test_rows, grid_classes, grid_dim, num_cpus, threads=blas_threads
         ),
+        "similarity": run_similarity_scale(models=similarity_models, rows=similarity_rows),
     }
 
 
@@ -444,4 +449,6 @@ def format_scale_bench(r: dict[str, Any]) -> str:
         "(no forward passes)",
         f"  Ray overhead per task: (Ray wall time x {g['ray_cpus']} CPUs - time in task bodies) / tasks",
     ]
+    if "similarity" in r:
+        lines += ["(c) model-level similarity measures", format_similarity_scale(r["similarity"])]
     return "\n".join(lines)
