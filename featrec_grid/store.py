@@ -269,6 +269,21 @@ class Store:
             )
         return manifest
 
+    def _json_object(self, rel: str) -> tuple[dict[str, Any], None] | tuple[None, SplitStatus]:
+        """(the JSON object at rel, None), or (None, the missing/corrupt status naming the file)."""
+        where = self.full_path(rel)
+        try:
+            raw = self.read_bytes(rel)
+        except UserError:
+            return None, SplitStatus("missing", f"{where} does not exist")
+        try:
+            manifest = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return None, SplitStatus("corrupt", f"{where} is not valid JSON ({e})")
+        if not isinstance(manifest, dict):
+            return None, SplitStatus("corrupt", f"{where} is not a JSON object")
+        return manifest, None
+
     def check_split(self, rel_dir: str, key: str, *, verify_checksums: bool = True) -> SplitStatus:
         """Classify a split as missing, stale (other key or format), corrupt (a file absent/short/changed) or complete.
 
@@ -276,16 +291,9 @@ class Store:
         """
         rel_dir = _clean_rel(rel_dir)
         mrel = f"{rel_dir}/{MANIFEST}"
-        try:
-            raw = self.read_bytes(mrel)
-        except UserError:
-            return SplitStatus("missing", f"{self.full_path(mrel)} does not exist")
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return SplitStatus("corrupt", f"{self.full_path(mrel)} is not valid JSON ({e})")
-        if not isinstance(manifest, dict):
-            return SplitStatus("corrupt", f"{self.full_path(mrel)} is not a JSON object")
+        manifest, problem = self._json_object(mrel)
+        if problem is not None:
+            return problem
         if manifest.get("format") != FORMAT:
             return SplitStatus(
                 "stale",
@@ -537,16 +545,9 @@ class Store:
         rel_dir = _clean_rel(rel_dir)
         mrel = f"{rel_dir}/{self.range_manifest_name(start, stop)}"
         where = self.full_path(mrel)
-        try:
-            raw = self.read_bytes(mrel)
-        except UserError:
-            return SplitStatus("missing", f"{where} does not exist")
-        try:
-            manifest = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return SplitStatus("corrupt", f"{where} is not valid JSON ({e})")
-        if not isinstance(manifest, dict):
-            return SplitStatus("corrupt", f"{where} is not a JSON object")
+        manifest, problem = self._json_object(mrel)
+        if problem is not None:
+            return problem
         if manifest.get("format") != FORMAT or manifest.get("key") != key:
             found = (manifest.get("format"), manifest.get("key"))
             return SplitStatus("stale", f"{where} has (format, key) {found}, expected {(FORMAT, key)}", manifest)
