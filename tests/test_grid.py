@@ -197,7 +197,8 @@ def test_unwritable_store_exits_2_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "featrec_grid.cli", "run", str(tmp_path / "bad.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert f"store {blocker / 'store'} is not writable" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"store: '{blocker / 'store'}' is (inside) a file, not a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
 
 
