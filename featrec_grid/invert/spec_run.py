@@ -1,5 +1,5 @@
 """`featrec-grid invert SPEC`: the spec's models and data -> one Ray task per inversion stage (grid.map_tasks) ->
-inversion.parquet, inversion_cross.parquet + PNGs, written by the driver alone.
+inversion.parquet, inversion_cross.parquet, inversion_transfer.parquet + PNGs, written by the driver alone.
 
 Task bodies (`run_stage_job`) load their classifiers from the spec's store and their images from the spec's data
 themselves, run on "cuda" when the task was given a GPU, and return rows and CPU image tensors: a worker's disk is
@@ -21,6 +21,7 @@ from ..errors import UserError, first_line
 from ..refs import DataRef, ModelRef
 from ..spec import GridSpec
 from .experiments import Outcome
+from .gallery import transfer_table
 from .run import (
     InversionConfig,
     check_images,
@@ -113,6 +114,7 @@ class InversionOutcome:
     user_error: str | None = None
     tasks: int = 0
     seconds: float = 0.0
+    transfer: pd.DataFrame | None = None
 
     @property
     def exit_code(self) -> int:
@@ -146,7 +148,7 @@ def run_invert_spec(
                         f"{ {k: c.num_classes for k, c in classifiers.items()} }")  # fmt: skip
     heldout = heldout_map(classifiers)
     jobs: dict[str, StageJob] = {}
-    for stage, arg in plan_stages(classifiers, config):
+    for stage, arg in plan_stages(classifiers, config, heldout):
         keys = stage_models(stage, arg, classifiers, heldout, config)
         jobs[stage_name(stage, arg)] = StageJob(
             stage, arg, {k: spec.models[k] for k in keys}, heldout, spec.store,
@@ -178,4 +180,5 @@ def run_invert_spec(
         if name in results:
             merged.add(results[name])
     table, images, cross = write_outcome(merged, Path(output))
-    return InversionOutcome(table, cross, images, failures, user_error, len(jobs), time.perf_counter() - t0)
+    return InversionOutcome(table, cross, images, failures, user_error, len(jobs), time.perf_counter() - t0,
+                            transfer_table(merged.transfer))  # fmt: skip
