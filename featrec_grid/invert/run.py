@@ -101,8 +101,9 @@ class InversionConfig:
             object.__setattr__(self, "mimic", tuple(tuple(p) for p in pairs))
         for name in ("classes", "mimic_classes"):
             value = getattr(self, name)
-            if value is not None and (not value or not all(_is_int(c) and c >= 0 for c in value)):
-                raise UserError(f"inversion config: {name} {value!r} must list class indices (whole numbers >= 0)")
+            if value is not None and not _class_list(value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise UserError(f"inversion config: {name} {shown!r} must list class indices (whole numbers >= 0)")
         if not isinstance(self.per_stage, dict):
             raise UserError(f"inversion config: per_stage must be a mapping stage -> settings, got {self.per_stage!r}")
         for stage, values in self.per_stage.items():
@@ -110,9 +111,10 @@ class InversionConfig:
             if not isinstance(values, dict) or set(values) - set(PER_STAGE):
                 raise UserError(f"inversion config: per_stage.{stage} must be a mapping with keys from "
                                 f"{list(PER_STAGE)}; got {values!r}")  # fmt: skip
-            if "seeds" in values and (not values["seeds"] or not all(_is_int(v) for v in values["seeds"])):
+            if "seeds" in values and not (isinstance(values["seeds"], list | tuple) and values["seeds"]
+                                          and all(_is_int(v) for v in values["seeds"])):
                 raise UserError(f"inversion config: per_stage.{stage}.seeds {values['seeds']!r} must list whole numbers")
-            if "classes" in values and (not values["classes"] or not all(_is_int(c) and c >= 0 for c in values["classes"])):
+            if "classes" in values and not _class_list(values["classes"]):
                 raise UserError(f"inversion config: per_stage.{stage}.classes {values['classes']!r} must list class "
                                 "indices (whole numbers >= 0)")  # fmt: skip
             if "parameterisations" in values:
@@ -160,6 +162,10 @@ class InversionConfig:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _class_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) > 0 and all(_is_int(c) and c >= 0 for c in value)
 
 
 def _check_subset(values: Any, allowed: tuple[str, ...], name: str, empty_ok: bool = False) -> None:
