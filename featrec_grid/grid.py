@@ -194,6 +194,7 @@ class InversionOutcome:
     user_error: str | None = None
     tasks: int = 0
     seconds: float = 0.0
+    transfer: pd.DataFrame | None = None
 
     @property
     def exit_code(self) -> int:
@@ -206,6 +207,7 @@ def run_invert(spec: GridSpec, output: str | Path, progress: bool = True,
     of the same graph) on the joined, running or a fresh single-node Ray; then the PNG grids under `output`. A
     failed task is reported and the others' results are kept. Returns the tables for reduce.save_inversion."""
     from .invert.experiments import Outcome
+    from .invert.gallery import transfer_table
     from .invert.run import write_outcome
     from .plan import plan_invert
 
@@ -223,4 +225,5 @@ def run_invert(spec: GridSpec, output: str | Path, progress: bool = True,
             merged.add(run.values[task.name])
     table, images, cross = write_outcome(merged, Path(output))
     user_error = f"{run.user_error_task}: {run.user_error}" if run.user_error else None
-    return InversionOutcome(table, cross, images, run.failures, user_error, len(stages), time.perf_counter() - t0)
+    return InversionOutcome(table, cross, images, run.failures, user_error, len(stages), time.perf_counter() - t0,
+                            transfer_table(merged.transfer))  # fmt: skip

@@ -191,16 +191,21 @@ def read_json(output: Path, name: str) -> Any:
 
 def save_inversion(output: Path, result: Any) -> None:
     """inversion.parquet (one row per model, method, control, seed and item), inversion_cross.parquet (one row per
-    decoder model, judge model and condition) and the gallery's image list. `result`: grid.run_invert's outcome
+    decoder model, judge model and condition), inversion_transfer.parquet (one row per generated image and judge)
+    and the gallery's image list. `result`: grid.run_invert's outcome
     (table, cross, images), or run_inversion's frame (attrs["images"], attrs["cross"] as row dicts)."""
     if isinstance(result, pd.DataFrame):
         table, images, cross = result, result.attrs.get("images", []), pd.DataFrame(result.attrs.get("cross", []))
+        transfer = pd.DataFrame(result.attrs.get("transfer", []))
     else:
         table, images, cross = result.table, result.images, result.cross
+        transfer = getattr(result, "transfer", None)
     frame, cross = table.copy(), cross.copy()
     frame.attrs, cross.attrs = {}, {}
     write_atomic(Path(output) / "inversion.parquet", frame.to_parquet(index=False))
     write_atomic(Path(output) / "inversion_cross.parquet", cross.to_parquet(index=False))
+    if transfer is not None:  # every generated image judged by every model (invert/transfer.py)
+        write_atomic(Path(output) / "inversion_transfer.parquet", transfer.copy().to_parquet(index=False))
     write_atomic(Path(output) / "inversion_images.json", json.dumps([list(i) for i in images], indent=1).encode())
 
 

@@ -4,6 +4,7 @@ Classifiers are small modules trained here for a few seconds on scikit-learn's b
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -402,14 +403,27 @@ def test_stage_models_load_only_what_a_stage_uses(mlp, cnn):
     clfs = {"mlp": mlp, "cnn": cnn, "third": third}
     held = {"mlp": "cnn", "cnn": "third", "third": "mlp"}
     cfg = InversionConfig()
-    stages = plan_stages(clfs, cfg)
-    assert [stage_name(*s) for s in stages] == ["class mlp", "class cnn", "class third", "match mlp", "match cnn",
-                                                "match third", "pair mlp cnn", "decoder mlp", "decoder cnn",
+    stages = plan_stages(clfs, cfg, held)
+    assert [stage_name(*s) for s in stages] == ["class mlp pixels", "class cnn pixels", "class third pixels",
+                                                "match mlp pixels", "match cnn pixels", "match third pixels",
+                                                "pair mlp cnn pixels", "decoder mlp", "decoder cnn",
                                                 "decoder third"]  # fmt: skip
-    assert stage_models("class", "mlp", clfs, held, cfg) == ["mlp", "cnn"]
-    assert stage_models("match", "mlp", clfs, held, cfg) == ["mlp", "cnn", "third"]  # held-out cnn, source third
-    assert stage_models("match", "mlp", clfs, held, InversionConfig(match_cross=False)) == ["mlp", "cnn"]
-    assert stage_models("pair", ("mlp", "cnn"), clfs, held, cfg) == ["mlp", "cnn", "third"]
-    assert stage_models("decoder", "cnn", clfs, held, cfg) == ["mlp", "cnn", "third"]  # every judge
+    two = InversionConfig(stages=("class", "mimic", "natural"), parameterisations=("pixels", "fourier"),
+                          mimic=(("cnn", "mlp"),), per_stage={"natural": {"parameterisations": ["phase"]}})
+    assert [stage_name(*s) for s in plan_stages(clfs, two, held)] == [
+        "class mlp pixels", "class cnn pixels", "class third pixels", "class mlp fourier", "class cnn fourier",
+        "class third fourier", "mimic cnn mlp pixels", "mimic cnn mlp fourier", "natural mlp phase",
+        "natural cnn phase", "natural third phase"]  # fmt: skip
+    default_mimic = InversionConfig(stages=("mimic",))
+    assert [a for _, a in plan_stages(clfs, default_mimic, held)] == [("mlp", "cnn", "pixels"),
+                                                                      ("cnn", "third", "pixels"),
+                                                                      ("third", "mlp", "pixels")]  # fmt: skip
+    # every stage loads every model of its label space (judges of the transfer and cross tables), no other
+    other = replace(untrained_copy(mlp, seed=4), key="other", head_weight=torch.zeros(3, mlp.feature_dim),
+                    head_bias=torch.zeros(3))  # fmt: skip
+    clfs["other"] = other
+    for stage, arg in [("class", ("mlp", "pixels")), ("pair", ("mlp", "cnn", "fourier")), ("decoder", "cnn")]:
+        assert stage_models(stage, arg, clfs, held, cfg) == ["mlp", "cnn", "third"]
+    assert stage_models("class", ("other", "pixels"), clfs, held, cfg) == ["other"]
     with pytest.raises(UserError, match="gpus"):
         InversionConfig(gpus=2)

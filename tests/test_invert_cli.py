@@ -58,6 +58,13 @@ def test_invert_command_writes_table_images_and_report(tmp_path, store, ray_sess
     dec = table[(table["method"] == "decoder") & (table["control"] == "none")]
     assert len(dec) == 2 and list(dec["chance"]) == pytest.approx([1 / 540] * 2)
     assert set(table["device"]) == {"cpu"}
+    assert dec["onehot_ceiling"].tolist() == pytest.approx([10 / 540] * 2)  # ten predicted classes among 540
+    transfer = pd.read_parquet(out / "inversion_transfer.parquet")
+    assert list(transfer.columns[:10]) == ["generator", "judge", "method", "parameterisation", "objective", "class",
+                                           "seed", "target_prob", "target_rank", "top1_is_target"]  # fmt: skip
+    assert {"class", "combined", "difference", "match", "match_cross"} <= set(transfer["method"])
+    own = transfer[(transfer.method == "class") & (transfer.control == "none")]
+    assert len(own) == 2 * 2 * 2 * 2 and (own.heldout == (own.judge != own.generator)).all()  # 2 models x 2 classes x 2 seeds x 2 judges
     cross = pd.read_parquet(out / "inversion_cross.parquet")
     assert set(zip(cross.decoder_model, cross.judge_model, cross.condition, strict=True)) == {
         (a, b, c) for a in ("mlp", "cnn") for b in ("mlp", "cnn") for c in ("logits", "onehot")}
@@ -94,7 +101,7 @@ def test_invert_failed_tasks_keep_the_others(tmp_path, store, monkeypatch):
     spec = tmp_path / "inv.yaml"
     out = tmp_path / "out"
     spec.write_text(SPEC.format(store=store, out=out))
-    errors = {"match mlp": RuntimeError("worker died")}
+    errors = {"match mlp pixels": RuntimeError("worker died")}
 
     def fake_execute(graph, **kwargs):
         stages = graph.of_kind("invert")
@@ -118,12 +125,14 @@ def test_invert_failed_tasks_keep_the_others(tmp_path, store, monkeypatch):
     monkeypatch.setattr(runtime, "execute", fake_execute)
     result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
     assert result.exit_code == 1, result.output
-    assert "failed: match mlp: RuntimeError: worker died" in result.output
+    assert "failed: match mlp pixels: RuntimeError: worker died" in result.output
     assert "failed: decoder cnn: RuntimeError: skipped decoder cnn" in result.output
     table = pd.read_parquet(out / "inversion.parquet")
     assert set(table["method"]) == {"class"} and set(table["model"]) == {"mlp", "cnn"}
     assert len(pd.read_parquet(out / "inversion_cross.parquet")) == 0
     assert (out / "index.html").is_file() and list(out.glob("inv_class_*.png"))
-    errors["pair mlp cnn"] = UserError("model cnn: weights missing")
+    transfer = pd.read_parquet(out / "inversion_transfer.parquet")  # the class tasks' images, judged by both models
+    assert set(transfer["method"]) == {"class"} and set(transfer["judge"]) == {"mlp", "cnn"}
+    errors["pair mlp cnn pixels"] = UserError("model cnn: weights missing")
     result = CliRunner().invoke(main, ["invert", str(spec), "--no-progress"])
-    assert result.exit_code == 2 and "error: pair mlp cnn: model cnn: weights missing" in result.output
+    assert result.exit_code == 2 and "error: pair mlp cnn pixels: model cnn: weights missing" in result.output

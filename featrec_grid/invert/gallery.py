@@ -11,19 +11,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from featrec_grid.errors import UserError
+from featrec_grid.invert.transfer import TRANSFER_COLUMNS
 
 COLUMNS = (
-    "model", "other_model", "method", "control", "seed", "target_class", "item", "target_prob", "heldout_model",
-    "heldout_prob", "logit_l1_rel", "logit_l2_rel", "logit_l1_rel_start", "mse", "ssim", "psnr", "retrieval_top1",
-    "retrieval_top1_features", "chance", "agreement_source", "agreement_heldout", "condition", "loss", "epochs",
-    "seconds",
+    "model", "other_model", "method", "parameterisation", "objective", "control", "seed", "target_class", "item",
+    "photo", "target_prob", "heldout_model", "heldout_prob", "logit_l1_rel", "logit_l2_rel", "logit_l1_rel_start",
+    "logit_cos_dist", "logit_cos_dist_start", "third_model", "third_prob", "third_top1_is_target", "mse", "ssim",
+    "psnr", "retrieval_top1", "retrieval_top1_features", "chance", "onehot_ceiling", "agreement_source",
+    "agreement_heldout", "condition", "loss", "epochs", "seconds",
 )  # fmt: skip
 CROSS_COLUMNS = (
-    "decoder_model", "judge_model", "condition", "agreement", "judge_prob", "retrieval_top1_features", "chance", "rows",
+    "decoder_model", "judge_model", "condition", "agreement", "judge_prob", "retrieval_top1_features", "chance",
+    "onehot_ceiling", "rows",
 )  # fmt: skip
+_TEXT_COLUMNS = ("model", "other_model", "method", "parameterisation", "objective", "control", "photo",
+                 "heldout_model", "third_model", "condition", "loss")  # fmt: skip
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -32,8 +37,16 @@ def safe_name(*parts: object) -> str:
     return _SAFE.sub("_", "_".join(str(p) for p in parts))
 
 
-def grid_image(rows: torch.Tensor | Sequence[torch.Tensor], scale: int = 4, pad: int = 1) -> Image.Image:
-    """Images [R, K, 3, H, W] in [0, 1] (R rows of K) -> one RGB PIL image, nearest-upscaled by `scale`, grey gaps."""
+def grid_scale(h: int) -> int:
+    """Nearest-neighbour upscale factor that shows an image of side h at about 64 px or more (16 px: 4, 96 px: 1)."""
+    return max(1, round(64 / h))
+
+
+def grid_image(
+    rows: torch.Tensor | Sequence[torch.Tensor], scale: int = 4, pad: int = 1, row_labels: Sequence[str] | None = None
+) -> Image.Image:
+    """Images [R, K, 3, H, W] in [0, 1] (R rows of K) -> one RGB PIL image, nearest-upscaled by `scale`, grey gaps;
+    `row_labels` (one per row) are written in a white margin on the left."""
     rows = torch.stack([torch.as_tensor(r) for r in rows]) if not torch.is_tensor(rows) else rows
     if rows.dim() != 5 or rows.shape[2] != 3:
         raise ValueError(f"grid_image wants [rows, cols, 3, H, W], got {tuple(rows.shape)}")
@@ -45,14 +58,33 @@ def grid_image(rows: torch.Tensor | Sequence[torch.Tensor], scale: int = 4, pad:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y : y + h, x : x + w] = arr[i, j]
     img = Image.fromarray((canvas * 255 + 0.5).astype(np.uint8), "RGB")
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+    return _labelled(img, row_labels, r) if row_labels else img
 
 
-def save_grid(rows: torch.Tensor | Sequence[torch.Tensor], path: Path, scale: int = 4) -> Path:
+def _labelled(img: Image.Image, labels: Sequence[str], n_rows: int) -> Image.Image:
+    """img with a white left margin holding labels[i] at the height of row i (PIL's bundled font, no files)."""
+    if len(labels) != n_rows:
+        raise ValueError(f"grid_image: {len(labels)} row labels for {n_rows} rows")
+    font = ImageFont.load_default(size=12)
+    draw = ImageDraw.Draw(img)
+    width = max(int(draw.textlength(str(t), font=font)) for t in labels) + 8
+    out = Image.new("RGB", (img.width + width, img.height), "white")
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row_h = img.height / n_rows
+    for i, text in enumerate(labels):
+        draw.text((4, int(row_h * (i + 0.5)) - 7), str(text), fill="black", font=font)
+    return out
+
+
+def save_grid(
+    rows: torch.Tensor | Sequence[torch.Tensor], path: Path, scale: int = 4, row_labels: Sequence[str] | None = None
+) -> Path:
     """Write a grid (see grid_image) as PNG; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows, scale=scale).save(path, format="PNG")
+    grid_image(rows, scale=scale, row_labels=row_labels).save(path, format="PNG", optimize=True)
     return path
 
 
@@ -61,8 +93,16 @@ def results_table(rows: Iterable[dict]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows))
     for col in COLUMNS:
         if col not in df.columns:
-            df[col] = np.nan
+            df[col] = pd.Series(dtype=object) if col in _TEXT_COLUMNS else np.nan
     return df[list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]]
+
+
+def transfer_table(rows: Iterable[dict]) -> pd.DataFrame:
+    """Transfer rows (transfer.judge_images) -> DataFrame with TRANSFER_COLUMNS, typed even when empty."""
+    types = {"class": "int64", "seed": "int64", "target_prob": "float64", "target_rank": "int64",
+             "top1_is_target": "bool", "heldout": "bool"}  # fmt: skip
+    df = pd.DataFrame(list(rows), columns=list(TRANSFER_COLUMNS))
+    return df.astype({c: t for c, t in types.items()}) if len(df) else df.astype(types)
 
 
 def cross_table(rows: Iterable[dict]) -> pd.DataFrame:

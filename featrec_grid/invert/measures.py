@@ -51,6 +51,14 @@ def retrieval_top1(queries: torch.Tensor, gallery: torch.Tensor) -> float:
     return float((nearest == torch.arange(len(q))).double().mean())
 
 
+def onehot_ceiling(groups: torch.Tensor | np.ndarray) -> float:
+    """The best retrieval top-1 a decoder seeing only a class can reach: queries of one class get one and the same
+    reconstruction, hence one nearest gallery item, so at most one of them is right. The mean over queries of
+    1 / (queries sharing its class) = (number of distinct classes) / N; `groups` [N] gives each query's class."""
+    _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    return float(np.mean(1.0 / counts[inverse]))
+
+
 def agreement(z_a: torch.Tensor, z_b: torch.Tensor) -> float:
     """Top-1 agreement: fraction of rows where the two logit matrices have the same argmax."""
     return float((z_a.argmax(1) == z_b.argmax(1)).double().mean())

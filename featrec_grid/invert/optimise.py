@@ -16,25 +16,42 @@ from featrec_grid.invert.pixels import device_of, embed, logits
 from featrec_grid.models import Classifier
 
 Classes = int | Sequence[int] | torch.Tensor
+OBJECTIVES = ("logit", "log_softmax", "zscore")
+
+
+def normalise(z: torch.Tensor, objective: str) -> torch.Tensor:
+    """A model's output vectors z [N, C] in the units an objective compares: "logit" as they are (the seed's; their
+    scale differs from model to model), "log_softmax" (log-probabilities, nats for every model) or "zscore" (each
+    row standardised over its classes: (z - mean) / std). The last two need no per-model constant."""
+    if objective == "logit":
+        return z
+    if objective == "log_softmax":
+        return torch.log_softmax(z, dim=1)
+    if objective == "zscore":
+        return (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True).clamp_min(1e-12)
+    raise UserError(f"inversion: objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
 
 
 @dataclass(frozen=True)
 class Term:
-    """One model's part of an objective: maximise weight * logit[target_class], or minimise weight * L1 distance
-    to target_logits. Targets are per image ([B] classes, [B, C] logits) with B = 1 broadcast to the batch."""
+    """One model's part of an objective: maximise weight * v[target_class], or minimise weight * L1 distance
+    between v and the target's vector, where v = normalise(logits, objective). Targets are per image ([B] classes,
+    [B, C] logits) with B = 1 broadcast to the batch."""
 
     classifier: Classifier
     weight: float
     target_class: torch.Tensor | None = None
     target_logits: torch.Tensor | None = None
+    objective: str = "logit"
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image loss [N] of pixel images x [N, 3, H, W] (lower is better), on the classifier's device."""
-        z = logits(self.classifier, x)
+        v = normalise(logits(self.classifier, x), self.objective)
         if self.target_logits is None:
-            idx = self.target_class.to(z.device).expand(len(z)).unsqueeze(1)
-            return -self.weight * z.gather(1, idx).squeeze(1)
-        return self.weight * (z - self.target_logits.to(z.device, z.dtype)).abs().sum(1)
+            idx = self.target_class.to(v.device).expand(len(v)).unsqueeze(1)
+            return -self.weight * v.gather(1, idx).squeeze(1)
+        target = normalise(self.target_logits.to(v.device, v.dtype), self.objective)
+        return self.weight * (v - target).abs().sum(1)
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,11 @@ class Objective:
     terms: tuple[Term, ...]
     target_class: torch.Tensor
     natural: torch.Tensor | None = None
+
+    @property
+    def objective(self) -> str:
+        """How the terms compare outputs (see normalise): the same for every term."""
+        return self.terms[0].objective
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return sum(t.loss(x) for t in self.terms)
@@ -69,29 +91,42 @@ def _classes(clfs: Sequence[Classifier], target_class: Classes) -> torch.Tensor:
     return c
 
 
-def class_objective(clf: Classifier, target_class: Classes) -> Objective:
-    """Maximise one model's logit for `target_class` (an int, or one class per image)."""
+def _objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise UserError(f"inversion: objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def class_objective(clf: Classifier, target_class: Classes, objective: str = "logit") -> Objective:
+    """Maximise one model's logit (or log-probability, z-score: see normalise) for `target_class` (an int, or one
+    class per image)."""
     c = _classes([clf], target_class)
-    return Objective("class", (Term(clf, 1.0, c),), c)
+    return Objective("class", (Term(clf, 1.0, c, objective=_objective(objective)),), c)
 
 
-def combined_objective(a: Classifier, b: Classifier, target_class: Classes, weights=(0.5, 0.5)) -> Objective:
-    """Maximise a weighted sum of two models' logits for a class (the seed's 0.5 * (A + B))."""
-    c = _classes([a, b], target_class)
-    return Objective("combined", (Term(a, float(weights[0]), c), Term(b, float(weights[1]), c)), c)
+def combined_objective(
+    a: Classifier, b: Classifier, target_class: Classes, weights=(0.5, 0.5), objective: str = "logit"
+) -> Objective:
+    """Maximise a weighted sum of two models' logits for a class (the seed's 0.5 * (A + B)); with a normalised
+    objective both terms are in the same units, so equal weights need no tuning."""
+    c, o = _classes([a, b], target_class), _objective(objective)
+    return Objective("combined", (Term(a, float(weights[0]), c, objective=o), Term(b, float(weights[1]), c, objective=o)), c)
 
 
-def difference_objective(a: Classifier, b: Classifier, target_class: Classes, weights=(1.0, 1.0)) -> Objective:
+def difference_objective(
+    a: Classifier, b: Classifier, target_class: Classes, weights=(1.0, 1.0), objective: str = "logit"
+) -> Objective:
     """Maximise model A's logit minus model B's for a class: what A sees in the class that B does not."""
-    c = _classes([a, b], target_class)
-    return Objective("difference", (Term(a, float(weights[0]), c), Term(b, -float(weights[1]), c)), c)
+    c, o = _classes([a, b], target_class), _objective(objective)
+    return Objective("difference", (Term(a, float(weights[0]), c, objective=o), Term(b, -float(weights[1]), c, objective=o)), c)
 
 
 def match_objective(
-    clf: Classifier, target_logits: torch.Tensor, natural: torch.Tensor | None = None, weight: float = 1.0
-) -> Objective:
-    """Make `clf`'s logit vector match `target_logits` ([C], or [B, C] one per image) under an L1 loss (seed 003);
-    `natural` ([3, H, W] or [B, 3, H, W]) is kept for SSIM/PSNR."""
+    clf: Classifier, target_logits: torch.Tensor, natural: torch.Tensor | None = None, weight: float = 1.0,
+    objective: str = "logit",
+) -> Objective:  # fmt: skip
+    """Make `clf`'s logit vector match `target_logits` ([C], or [B, C] one per image) under an L1 loss (seed 003),
+    both normalised first (see normalise); `natural` ([3, H, W] or [B, 3, H, W]) is kept for SSIM/PSNR."""
     t = torch.as_tensor(target_logits, dtype=torch.float32)
     t = t.reshape(1, -1) if t.dim() == 1 else t
     if t.dim() != 2 or t.shape[1] != clf.num_classes:
@@ -103,7 +138,8 @@ def match_objective(
         raise UserError(f"inversion: match target for model '{clf.key}' contains NaN or inf")
     if natural is not None:
         natural = natural.reshape(-1, *natural.shape[-3:])
-    return Objective("match", (Term(clf, float(weight), target_logits=t),), t.argmax(1), natural)
+    return Objective("match", (Term(clf, float(weight), target_logits=t, objective=_objective(objective)),), t.argmax(1),
+                     natural)  # fmt: skip
 
 
 def target_logits(clf: Classifier, images: torch.Tensor) -> torch.Tensor:

@@ -23,14 +23,20 @@ from featrec_grid.invert.decoder import CONDITIONS, DecoderConfig
 from featrec_grid.invert.experiments import (
     OptimSettings,
     Outcome,
+    Recipe,
     class_visualisation,
     decoder_inversion,
     match_inversion,
+    mimic_inversion,
+    natural_inversion,
     pair_objectives,
     pick_items,
 )
-from featrec_grid.invert.gallery import cross_table, results_table, safe_name, save_grid
+from featrec_grid.invert.gallery import cross_table, grid_scale, results_table, safe_name, save_grid
 from featrec_grid.invert.manipulate import DEFAULT_VALUES, manipulation_grid
+from featrec_grid.invert.optimise import OBJECTIVES
+from featrec_grid.invert.paramopt import PARAMETERISATIONS
+from featrec_grid.invert.photos import PHOTOS, load_photo
 from featrec_grid.invert.pixels import embed, resize
 from featrec_grid.models import Classifier
 
@@ -62,12 +68,59 @@ class InversionConfig:
     manipulation_items: int = 3
     threads: int | None = 1
     gpus: float = 0.25
+    stages: tuple[str, ...] = ("class", "match", "pair", "decoder")
+    parameterisations: tuple[str, ...] = ("pixels",)
+    objective: str = "logit"
+    control_seeds: int | None = None
+    mimic: tuple[tuple[str, str], ...] | None = None
+    mimic_classes: tuple[int, ...] | None = None
+    photos: tuple[str, ...] = PHOTOS
+    per_stage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise UserError("inversion config: seeds must list at least one seed (5 or more recommended)")
-        if bad := set(self.controls) - set(CONTROLS):
-            raise UserError(f"inversion config: unknown controls {sorted(bad)}; allowed: {', '.join(CONTROLS)}")
+        _check_controls(self.controls, "controls")
+        _check_subset(self.stages, STAGES, "stages")
+        _check_subset(self.parameterisations, PARAMETERISATIONS, "parameterisations")
+        _check_subset(self.photos, PHOTOS, "photos", empty_ok="natural" not in self.stages)
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"inversion config: objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if self.control_seeds is not None and (not _is_int(self.control_seeds) or self.control_seeds < 1):
+            raise UserError(f"inversion config: control_seeds {self.control_seeds!r} must be a whole number >= 1 "
+                            "(how many of the seeds the untrained control runs) or null (all)")  # fmt: skip
+        if self.mimic is not None:
+            pairs = self.mimic
+            ok = isinstance(pairs, list | tuple) and len(pairs) > 0 and all(
+                isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(k, str) for k in p) and p[0] != p[1]
+                for p in pairs
+            )
+            if not ok:
+                raise UserError(f"inversion config: mimic {pairs!r} must list pairs [mimicking model, source model] "
+                                "of two different model keys")  # fmt: skip
+            object.__setattr__(self, "mimic", tuple(tuple(p) for p in pairs))
+        for name in ("classes", "mimic_classes"):
+            value = getattr(self, name)
+            if value is not None and not _class_list(value):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise UserError(f"inversion config: {name} {shown!r} must list class indices (whole numbers >= 0)")
+        if not isinstance(self.per_stage, dict):
+            raise UserError(f"inversion config: per_stage must be a mapping stage -> settings, got {self.per_stage!r}")
+        for stage, values in self.per_stage.items():
+            _check_subset((stage,), OPTIM_STAGES, "per_stage")
+            if not isinstance(values, dict) or set(values) - set(PER_STAGE):
+                raise UserError(f"inversion config: per_stage.{stage} must be a mapping with keys from "
+                                f"{list(PER_STAGE)}; got {values!r}")  # fmt: skip
+            if "seeds" in values and not (isinstance(values["seeds"], list | tuple) and values["seeds"]
+                                          and all(_is_int(v) for v in values["seeds"])):
+                raise UserError(f"inversion config: per_stage.{stage}.seeds {values['seeds']!r} must list whole numbers")
+            if "classes" in values and not _class_list(values["classes"]):
+                raise UserError(f"inversion config: per_stage.{stage}.classes {values['classes']!r} must list class "
+                                "indices (whole numbers >= 0)")  # fmt: skip
+            if "parameterisations" in values:
+                _check_subset(values["parameterisations"], PARAMETERISATIONS, f"per_stage.{stage}.parameterisations")
+            if "controls" in values:
+                _check_controls(values["controls"], f"per_stage.{stage}.controls")
         if self.decoder_condition not in CONDITIONS or self.decoder_condition == "onehot":
             raise UserError(
                 f"inversion config: decoder_condition '{self.decoder_condition}' must be one of "
@@ -76,6 +129,16 @@ class InversionConfig:
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int | float) or not 0 <= self.gpus <= 1:
             raise UserError(f"inversion config: gpus {self.gpus!r} must be a number from 0 to 1 (a share of one GPU)")
 
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """classes (None: spread over the label space), seeds, parameterisations and controls of one stage: the
+        top-level values overridden by per_stage[stage]."""
+        over = self.per_stage.get(stage, {})
+        classes = over.get("classes", self.mimic_classes if stage == "mimic" and self.mimic_classes else self.classes)
+        return dict(classes=None if classes is None else [int(c) for c in classes],
+                    seeds=[int(v) for v in over.get("seeds", self.seeds)],
+                    parameterisations=list(over.get("parameterisations", self.parameterisations)),
+                    controls=tuple(over.get("controls", self.controls)))  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InversionConfig:
@@ -97,9 +160,34 @@ class InversionConfig:
         return cls(**top)
 
 
-def _classes(num_classes: int, cfg: InversionConfig) -> list[int]:
-    if cfg.classes is not None:
-        return list(cfg.classes)
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _class_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) > 0 and all(_is_int(c) and c >= 0 for c in value)
+
+
+def _check_subset(values: Any, allowed: tuple[str, ...], name: str, empty_ok: bool = False) -> None:
+    if not isinstance(values, list | tuple) or (not values and not empty_ok):
+        raise UserError(f"inversion config: {name} must be a non-empty list from {', '.join(allowed)}; got {values!r}")
+    if bad := [v for v in values if v not in allowed]:
+        raise UserError(f"inversion config: {name}: unknown {bad}; allowed: {', '.join(allowed)}")
+    if len(set(values)) != len(values):
+        raise UserError(f"inversion config: {name} {list(values)} lists a value twice")
+
+
+def _check_controls(values: Any, name: str) -> None:
+    if not isinstance(values, list | tuple) or set(values) - set(CONTROLS):
+        raise UserError(f"inversion config: unknown {name} {values!r}; allowed: {', '.join(CONTROLS)}")
+
+
+def _classes(num_classes: int, cfg: InversionConfig, stage: str = "class") -> list[int]:
+    classes = cfg.stage_settings(stage)["classes"]
+    if classes is not None:
+        if max(classes) >= num_classes:
+            raise UserError(f"inversion config: classes {classes} of stage {stage} out of range 0..{num_classes - 1}")
+        return classes
     return sorted({int(round(c)) for c in np.linspace(0, num_classes - 1, min(num_classes, cfg.max_classes))})
 
 
@@ -148,19 +236,50 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-STAGES = ("class", "match", "pair", "decoder")
+OPTIM_STAGES = ("class", "match", "pair", "mimic", "natural")
+STAGES = (*OPTIM_STAGES, "decoder")
+PER_STAGE = ("classes", "seeds", "parameterisations", "controls")
 
 
-def plan_stages(classifiers: dict[str, Classifier], cfg: InversionConfig) -> list[tuple[str, Any]]:
-    """Every stage in report order: (class, model), (match, model), (pair, (a, b)) for one pair, (decoder, model)."""
-    pair = _pair(classifiers, cfg)
-    steps: list[tuple[str, Any]] = [("class", k) for k in classifiers] + [("match", k) for k in classifiers]
-    steps += [("pair", pair)] if pair else []
-    return steps + [("decoder", k) for k in classifiers]
+def _mimic_pairs(classifiers: dict[str, Classifier], heldout: dict[str, str], cfg: InversionConfig) -> list[tuple[str, str]]:
+    """(mimicking model, source model) pairs: cfg.mimic, or each model mimicking its held-out model."""
+    if cfg.mimic is None:
+        return [(k, h) for k, h in heldout.items()]
+    for a, b in cfg.mimic:
+        if a not in classifiers or b not in classifiers:
+            raise UserError(f"inversion config: mimic pair [{a}, {b}] must name models of {list(classifiers)}")
+        if classifiers[a].num_classes != classifiers[b].num_classes:
+            raise UserError(f"inversion config: mimic pair [{a}, {b}] crosses label spaces")
+    return list(cfg.mimic)
+
+
+def plan_stages(
+    classifiers: dict[str, Classifier], cfg: InversionConfig, heldout: dict[str, str] | None = None
+) -> list[tuple[str, Any]]:
+    """Every stage of cfg.stages in report order, each optimisation stage once per parameterisation:
+    (class, (model, p)), (match, (model, p)), (pair, (a, b, p)) for one pair, (mimic, (a, b, p)) per mimic pair,
+    (natural, (model, p)), then (decoder, model)."""
+    heldout = heldout if heldout is not None else {}
+    steps: list[tuple[str, Any]] = []
+    for stage in STAGES:
+        if stage not in cfg.stages:
+            continue
+        if stage == "decoder":
+            steps += [("decoder", k) for k in classifiers]
+            continue
+        for p in cfg.stage_settings(stage)["parameterisations"]:
+            if stage in ("class", "match", "natural"):
+                steps += [(stage, (k, p)) for k in classifiers]
+            elif stage == "pair":
+                pair = _pair(classifiers, cfg)
+                steps += [("pair", (*pair, p))] if pair else []
+            else:
+                steps += [("mimic", (a, b, p)) for a, b in _mimic_pairs(classifiers, heldout, cfg)]
+    return steps
 
 
 def stage_name(stage: str, arg: Any) -> str:
-    """A stage's task name: 'class mlp', 'pair mlp cnn', 'decoder resnet'."""
+    """A stage's task name: 'class mlp pixels', 'pair mlp cnn fourier', 'mimic lite1 lite0 phase', 'decoder resnet'."""
     return f"{stage} {' '.join(arg) if isinstance(arg, tuple) else arg}"
 
 
@@ -168,21 +287,15 @@ def stage_models(
     stage: str, arg: Any, classifiers: dict[str, Classifier], heldout: dict[str, str], cfg: InversionConfig
 ) -> list[str]:
     """The models a stage uses (in the order of `classifiers`): running the stage with only these loaded gives the
-    same result as with all of them. Decoders use every model of their label space (the cross-model judges)."""
-    if stage == "pair":
-        a, b = arg
-        third = _third(classifiers, heldout, a, b)
-        need = {a, b} | ({third.key} if third is not None else set())
-    else:
-        clf = classifiers[arg]
-        held = classifiers.get(heldout.get(arg, ""))
-        need = {arg} | ({held.key} if held is not None else set())
-        if stage == "match":
-            source = _match_source(classifiers, clf, held, cfg)
-            need |= {source.key} if source is not None else set()
-        elif stage == "decoder":
-            need |= {k for k, c in classifiers.items() if c.num_classes == clf.num_classes}
-    return [k for k in classifiers if k in need]
+    same result as with all of them. Every stage uses every model of its label space: the optimisation stages
+    as judges of the transfer table, the decoders as judges of the cross-model table."""
+    first = classifiers[arg[0] if isinstance(arg, tuple) else arg]
+    return [k for k, c in classifiers.items() if c.num_classes == first.num_classes]
+
+
+def _natural_photos(cfg: InversionConfig, clf: Classifier) -> dict[str, torch.Tensor]:
+    size = int(cfg.optim.size or clf.input.size)
+    return {name: load_photo(name, size) for name in cfg.photos}
 
 
 def run_stage(
@@ -190,26 +303,39 @@ def run_stage(
     test_images: torch.Tensor | None, test_labels: torch.Tensor | None, cfg: InversionConfig,
     device: str | torch.device = "cpu",
 ) -> Outcome:  # fmt: skip
-    """Run one stage (see plan_stages) and return its rows, cross-table rows and image grids (CPU tensors); writes
-    nothing. Classifiers compute where they live (pixels.on_device); decoders train on `device`. `classifiers`
-    needs at least stage_models(...); `heldout[m]` names the model that scores m's images."""
+    """Run one stage (see plan_stages) and return its rows, cross-table and transfer-table rows and image grids
+    (CPU tensors); writes nothing. Classifiers compute where they live (pixels.on_device); decoders train on
+    `device`. `classifiers` needs at least stage_models(...); `heldout[m]` names the model that scores m's images."""
     t0 = time.perf_counter()
-    if stage == "pair":
-        a, b = classifiers[arg[0]], classifiers[arg[1]]
-        got = pair_objectives(a, b, _third(classifiers, heldout, *arg), _classes(a.num_classes, cfg), cfg.seeds,
-                              cfg.optim, cfg.combine_weights, cfg.controls, cfg.untrained_seed)  # fmt: skip
-    elif stage in STAGES:
+    if stage not in STAGES:
+        raise UserError(f"inversion: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    if stage == "decoder":
         clf = classifiers[arg]
         held = classifiers.get(heldout.get(arg, ""))
-        classes = _classes(clf.num_classes, cfg)
-        if stage == "class":
-            got = class_visualisation(clf, held, classes, cfg.seeds, cfg.optim, cfg.controls, cfg.untrained_seed)
-        elif stage == "match":
-            got = _match(classifiers, clf, held, classes, test_images, test_labels, cfg)
-        else:
-            got = _decoders(classifiers, clf, held, classes, train_images, test_images, test_labels, cfg, device)
+        got = _decoders(classifiers, clf, held, _classes(clf.num_classes, cfg), train_images, test_images, test_labels,
+                        cfg, device)  # fmt: skip
     else:
-        raise UserError(f"inversion: unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+        *keys, param = arg
+        first = classifiers[keys[0]]
+        settings = cfg.stage_settings(stage)
+        seeds, controls = settings["seeds"], settings["controls"]
+        judges = tuple(c for c in classifiers.values() if c.num_classes == first.num_classes)
+        recipe = Recipe(param, cfg.objective, judges)
+        held = classifiers.get(heldout.get(keys[0], ""))
+        classes = _classes(first.num_classes, cfg, stage)
+        if stage == "class":
+            got = class_visualisation(first, held, classes, seeds, cfg.optim, controls, cfg.untrained_seed, recipe,
+                                      cfg.control_seeds)  # fmt: skip
+        elif stage == "match":
+            got = _match(classifiers, first, held, classes, test_images, test_labels, cfg, recipe, seeds, controls)
+        elif stage == "pair":
+            got = pair_objectives(first, classifiers[keys[1]], _third(classifiers, heldout, *keys), classes, seeds,
+                                  cfg.optim, cfg.combine_weights, controls, cfg.untrained_seed, recipe)  # fmt: skip
+        elif stage == "mimic":
+            got = mimic_inversion(first, classifiers[keys[1]], _third(classifiers, heldout, *keys), classes, seeds,
+                                  cfg.optim, recipe)  # fmt: skip
+        else:
+            got = natural_inversion(first, _natural_photos(cfg, first), seeds, cfg.optim, recipe, held)
     for row in got.rows:
         row.setdefault("stage_seconds", time.perf_counter() - t0)
         row.setdefault("device", str(device))
@@ -218,13 +344,13 @@ def run_stage(
 
 def write_outcome(result: Outcome, out_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]], pd.DataFrame]:
     """The driver's part: write every grid as a PNG under out_dir; return (results table, [(caption, png name)],
-    cross-model table)."""
+    cross-model table). The transfer table is gallery.transfer_table(result.transfer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
-    for stem, (caption, grid) in result.grids.items():
+    for stem, (caption, grid, labels) in result.grids.items():
         name = safe_name("inv", stem) + ".png"
-        save_grid(grid, out_dir / name)
+        save_grid(grid, out_dir / name, scale=grid_scale(grid.shape[-1]), row_labels=labels)
         images.append((caption, name))
     return results_table(result.rows), images, cross_table(result.cross)
 
@@ -246,7 +372,8 @@ def run_inversion(
     control, seed and class/item). `heldout[m]` names the held-out model that scores m's images (absent: heldout
     metrics NaN). Labels only choose which test images to show and match (one per class in turn).
     The returned frame's attrs["images"] lists (caption, png file name) for gallery_html, attrs["cross"] the
-    cross-model decoder table as a list of row dicts (pandas.DataFrame(attrs["cross"]))."""
+    cross-model decoder table as a list of row dicts (pandas.DataFrame(attrs["cross"])), attrs["transfer"] the
+    transfer table's rows (gallery.transfer_table(attrs["transfer"]))."""
     cfg = config or InversionConfig()
     if not classifiers:
         raise UserError("inversion: no classifiers given")
@@ -255,13 +382,14 @@ def run_inversion(
     check_images("test_images", test_images, test_labels)
     result = Outcome()
     with torch_threads(cfg.threads):
-        bar = tqdm(plan_stages(classifiers, cfg), desc="inversion", disable=not progress)
+        bar = tqdm(plan_stages(classifiers, cfg, heldout), desc="inversion", disable=not progress)
         for stage, arg in bar:
             bar.set_postfix_str(stage_name(stage, arg))
             result.add(run_stage(stage, arg, classifiers, heldout, train_images, test_images, test_labels, cfg))
     df, images, cross = write_outcome(result, Path(output_dir))
     df.attrs["images"] = images
     df.attrs["cross"] = cross.to_dict("records")
+    df.attrs["transfer"] = result.transfer
     return df
 
 
@@ -288,17 +416,20 @@ def _match_source(
 
 def _match(
     classifiers: dict[str, Classifier], clf: Classifier, held: Classifier | None, classes: list[int],
-    test_images: torch.Tensor, test_labels: torch.Tensor, cfg: InversionConfig,
+    test_images: torch.Tensor, test_labels: torch.Tensor, cfg: InversionConfig, recipe: Recipe,
+    seeds: list[int], controls: tuple[str, ...],
 ) -> Outcome:  # fmt: skip
     """Self-match (target: clf on a test image) and, if enabled, cross-match (target: another model on it; a model
     other than the held-out one when possible, else the held-out one, whose probabilities are then not reported)."""
-    items = pick_items(test_labels, classes, len(cfg.seeds))
-    out = match_inversion(clf, clf, held, test_images, items, cfg.seeds, cfg.optim, cfg.controls, cfg.untrained_seed)
+    if test_images is None or test_labels is None:
+        raise UserError("inversion: the match stage needs the spec's test images (data.test)")
+    items = pick_items(test_labels, classes, len(seeds))
+    out = match_inversion(clf, clf, held, test_images, items, seeds, cfg.optim, controls, cfg.untrained_seed, recipe)
     source = _match_source(classifiers, clf, held, cfg)
     if source is not None:
         scorer = held if held is not None and held.key != source.key else None
-        out.add(match_inversion(clf, source, scorer, test_images, items, cfg.seeds, cfg.optim, cfg.controls,
-                                cfg.untrained_seed))  # fmt: skip
+        out.add(match_inversion(clf, source, scorer, test_images, items, seeds, cfg.optim, controls,
+                                cfg.untrained_seed, recipe))  # fmt: skip
     return out
 
 
@@ -321,9 +452,9 @@ def _decoders(
     label = "originals, logit decoder, one-hot control"
     label += ", decoder of an untrained network's logits" if "decoder_untrained" in decoders else ""
     caption = f"reconstructions of test images, {clf.key}: rows = {label}"
-    out.grids[f"recon_{clf.key}"] = (caption, torch.stack(rows))
+    out.grids[f"recon_{clf.key}"] = (caption, torch.stack(rows), None)
     z, _ = embed(clf, test_images[items[: cfg.manipulation_items]])
     for kind, values in DEFAULT_VALUES.items():
         caption = f"logit manipulation '{kind}', {clf.key} (logit decoder): rows = test images, columns = {list(values)}"
-        out.grids[f"manip_{kind}_{clf.key}"] = (caption, manipulation_grid(decoders["decoder"][0], z, kind, values))
+        out.grids[f"manip_{kind}_{clf.key}"] = (caption, manipulation_grid(decoders["decoder"][0], z, kind, values), None)
     return out

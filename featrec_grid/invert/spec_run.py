@@ -1,5 +1,5 @@
 """The task bodies of `featrec-grid invert SPEC`: the spec's models and data -> one StageJob per inversion stage
-(plan.plan_invert makes them tasks, grid.run_invert runs them) -> rows and images the driver writes.
+(plan.plan_invert makes them tasks, grid.run_invert runs them) -> rows, transfer rows and images the driver writes.
 
 Task bodies (`run_stage_job`) load their classifiers from the spec's store and their images from the spec's data
 themselves, run on "cuda" when the task was given a GPU, and return rows and CPU image tensors: a worker's disk is
@@ -125,7 +125,7 @@ def stage_jobs(spec: GridSpec, keys: list[str]) -> dict[str, StageJob]:
                         f"{ {k: c.num_classes for k, c in labels.items()} }")  # fmt: skip
     heldout = heldout_map(labels)
     jobs: dict[str, StageJob] = {}
-    for stage, arg in plan_stages(labels, config):
+    for stage, arg in plan_stages(labels, config, heldout):
         keys = stage_models(stage, arg, labels, heldout, config)
         jobs[stage_name(stage, arg)] = StageJob(
             stage, arg, {k: spec.models[k] for k in keys}, heldout, spec.store,
