@@ -110,6 +110,21 @@ INVERSION_DOCS: dict[str, str] = {
     "manipulation_items": "test images in the logit-manipulation grids",
     "threads": "torch threads per inversion task",
     "gpus": "GPU share of each inversion task, where the cluster has GPUs",
+    "stages": "which stages run: class, match, pair, mimic, natural, decoder",
+    "parameterisations": "image parameterisations of the optimisation stages: pixels (the seed's, with blur and "
+                         "jitter), fourier (decorrelated colour, 1/f spectrum, transformation robustness), phase",
+    "objective": "logit (the seed's raw target logit), zscore (standardised by each model's logit statistics) or "
+                 "log_softmax: comparable across models without hand-tuned constants",
+    "control_seeds": "how many of the seeds the untrained-network control runs (default: all)",
+    "mimic": "[mimicking model, source model] pairs: one model reproduces the other's output vector on that "
+             "model's own class image (the seed's mimic experiment)",
+    "mimic_classes": "classes of the mimic stage (default: classes)",
+    "photos": "scikit-image photos used as natural-image targets",
+    "per_stage": "stage -> overrides of classes, seeds, parameterisations, controls",
+    "optim.fourier_lr": "Adam learning rate of the Fourier parameterisation",
+    "optim.phase_lr": "Adam learning rate of the phase-only parameterisation",
+    "optim.robustness": "strength of the random pad, jitter, scale and rotation (0 off, 1 Lucid's ranges)",
+    "optim.decay_power": "power of the 1/f spectrum scaling of the Fourier parameterisations",
     "optim.steps": "optimisation steps",
     "optim.lr": "learning rate, first and last step (log-linear)",
     "optim.blur_sigma": "Gaussian blur sigma, first and last step",

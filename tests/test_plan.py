@@ -121,7 +121,7 @@ def test_layer_cka_and_invert_graphs(tmp_path):
     assert graph.get("layer_cka a b").args[-1]["max_images"] == 64
     inv = plan_invert(spec)
     stages = [t.name for t in inv.of_kind("invert")]
-    assert stages[:2] == ["decoder a", "decoder b"] and {"class a", "match b", "pair a b"} <= set(stages)
+    assert stages[:2] == ["decoder a", "decoder b"] and {"class a pixels", "match b pixels", "pair a b pixels"} <= set(stages)
     assert inv.get("decoder a").deps == ("train_zoo a", "train_zoo b")  # decoders are judged by every model
 
 
