@@ -585,12 +585,13 @@ class Store:
                 raise UserError(
                     f"{where}: rows [{start}, {stop}) have another head or dims than rows {bounds[0]}; rerun with --rebuild"
                 )
-        manifest = {k: v for k, v in first.items() if k not in ("range", "files", "rows")}
+        manifest = {k: v for k, v in first.items() if k not in ("range", "files", "rows", META_DIGEST)}
         manifest.update(
             rows=sum(p["rows"] for p in parts),
             files=[f for p in parts for f in p["files"]],
             ranges=[list(b) for b in bounds],
         )
+        manifest[META_DIGEST] = payload_digest(manifest)  # checksummed like a split written in one task
         self.write_json(f"{rel_dir}/{MANIFEST}", manifest)
         self._remove_stray_parts(rel_dir, {f["path"] for f in manifest["files"]})
         listed = {self.range_manifest_name(a, b) for a, b in bounds}
