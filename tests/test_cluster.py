@@ -231,7 +231,7 @@ def test_worker_node_killed_mid_grid(cluster, cluster_store):
         deadline, killed = time.time() + 300, None
         while time.time() < deadline and driver.poll() is None:
             saved = len(list(pairs.glob("*.json"))) if pairs.is_dir() else 0
-            busy = [cmd for cmd in worker.processes().values() if cmd.startswith("ray::_fit")]
+            busy = [cmd for cmd in worker.processes().values() if cmd.startswith("ray::fit ")]  # task names
             if 1 <= saved < 9 and busy:
                 worker.kill()
                 killed = saved
