@@ -102,8 +102,10 @@ def test_row_range_extraction_equals_one_task_and_resumes(tmp_path, ray_session)
     ranged = Store(spec.store)
     a = ranged.read_split(ranged.split_dir("l0", spec.train))
     b = one.read_split(one.split_dir("l0", spec.train))
-    for col in ("index", "label", "logits", "features"):
+    for col in ("index", "label"):
         np.testing.assert_array_equal(a[col], b[col])
+    for col in ("logits", "features"):  # a Ray task runs torch with 1 thread, this process with 2: float32 sums
+        np.testing.assert_allclose(a[col], b[col], rtol=1e-5, atol=1e-5)  # in another order (seen: 7e-7)
     rel = tmp_path / "st" / "shards" / "digits" / "train" / "l0"
     (rel / "manifest.json").unlink()
     (rel / ranged.range_manifest_name(256, 512)).unlink()
