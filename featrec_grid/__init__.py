@@ -1,7 +1,7 @@
 """featrec_grid: what do a classifier's logits still know about its features and its input?
 
 Public API (imported lazily so `featrec-grid --help` stays fast):
-    load_spec, run_grid, plan          specs and the Ray grid
+    load_spec, run_grid, plan_grid     specs, the grid's task graph (no Ray) and running it
     Store, load_split                  the Arrow shard store
     fit_ridge, fit_sgd, LinearMap, Moments, RidgeSolver   linear maps
     DualSolver, fit_ridge_dual         ridge in the dual form (more classes than rows)
@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_spec": "spec",
     "GridSpec": "spec",
     "run_grid": "grid",
-    "plan": "grid",
+    "plan_grid": "plan",
     "Store": "store",
     "load_split": "store",
     "fit_ridge": "linmap",
