@@ -402,6 +402,19 @@ def _check_settings(precision: str, batch_size: Any, pipeline: str) -> None:
         raise UserError(f"pipeline {pipeline!r} is unknown; allowed: {', '.join(PIPELINES)}")
 
 
+def _compute(model: ModelRef, data: DataRef, store: Store, key: str, precision: str, batch_size: int | str,
+             device: str | None, num_workers: int | None, cpus: int, pipeline: str, start: int = 0,
+             stop: int | None = None) -> tuple[dict[str, Any], Iterator, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """What extract_split and extract_range write: (manifest metadata, the batches of rows [start, stop) as
+    extraction_batches yields them, the head), with the model loaded once."""
+    loaded = _load(model, data, store, device, batch_size, precision, pipeline)
+    workers = _workers(num_workers, cpus, loaded)
+    batches = extraction_batches(loaded.clf, loaded.dataset, loaded.inp, device=loaded.device, precision=precision,
+                                 batch_size=loaded.batch_size, start=start, stop=stop, num_workers=workers,
+                                 pipeline=loaded.pipeline)  # fmt: skip
+    return _meta(loaded, model, data, key, precision, workers), batches, _head(loaded.clf)
+
+
 def extract_split(
     model: ModelRef,
     data: DataRef,
@@ -435,14 +448,10 @@ def extract_split(
         return {**status.manifest, "reused": True}
     if status.state == "corrupt" and not rebuild:
         raise UserError(f"corrupt shard set at {store.full_path(rel)}: {status.reason}; rerun with --rebuild")
-
     t0 = time.perf_counter()
-    loaded = _load(model, data, store, device, batch_size, precision, pipeline)
-    workers = _workers(num_workers, cpus, loaded)
-    batches = extraction_batches(loaded.clf, loaded.dataset, loaded.inp, device=loaded.device, precision=precision,
-                                 batch_size=loaded.batch_size, num_workers=workers, pipeline=loaded.pipeline)  # fmt: skip
-    meta = _meta(loaded, model, data, key, precision, workers)
-    manifest = store.write_split(rel, meta=meta, batches=batches, head=_head(loaded.clf), rows_per_shard=rows_per_shard)
+    meta, batches, head = _compute(model, data, store, key, precision, batch_size, device, num_workers, cpus,
+                                   pipeline)  # fmt: skip
+    manifest = store.write_split(rel, meta=meta, batches=batches, head=head, rows_per_shard=rows_per_shard)
     return {**manifest, "reused": False, "seconds": time.perf_counter() - t0}
 
 
@@ -472,14 +481,9 @@ def extract_range(
     if status.complete and not rebuild:
         return {**status.manifest, "reused": True}
     t0 = time.perf_counter()
-    loaded = _load(model, data, store, device, batch_size, precision, pipeline)
-    workers = _workers(num_workers, cpus, loaded)
-    batches = extraction_batches(loaded.clf, loaded.dataset, loaded.inp, device=loaded.device, precision=precision,
-                                 batch_size=loaded.batch_size, start=start, stop=stop, num_workers=workers,
-                                 pipeline=loaded.pipeline)  # fmt: skip
-    meta = _meta(loaded, model, data, key, precision, workers)
-    manifest = store.write_range(rel, start, stop, meta=meta, batches=batches, head=_head(loaded.clf),
-                                 rows_per_shard=rows_per_shard)  # fmt: skip
+    meta, batches, head = _compute(model, data, store, key, precision, batch_size, device, num_workers, cpus,
+                                   pipeline, start, stop)  # fmt: skip
+    manifest = store.write_range(rel, start, stop, meta=meta, batches=batches, head=head, rows_per_shard=rows_per_shard)
     return {**manifest, "reused": False, "seconds": time.perf_counter() - t0}
 
 

@@ -172,13 +172,19 @@ def self_pair_exactness(train_logits: ArrayLike, weight: ArrayLike, *, rtol: flo
         tol = s[0] * (max(shape) * np.finfo(np.float64).eps if rtol is None else rtol) if len(s) else 0.0
         return int((s > tol).sum()) if len(s) and s[0] > 0 else 0
 
-    train_rank, head_rank = rank(s_z, centered.shape), rank(s_w, w.shape)
-    exact = train_rank >= head_rank
+    return exactness(n, rank(s_z, centered.shape), rank(s_w, w.shape))
+
+
+def exactness(train_rows: int, train_logit_rank: int, head_rank: int) -> dict:
+    """self_pair_exactness from the ranks alone (a fit's solver knows how many logit directions it kept): exact
+    when the train logits span every direction the head can produce. Returns the ranks, exact and a note."""
+    exact = train_logit_rank >= head_rank
     if exact:
-        note = (f"exact at alpha 0: the {n:,} train rows' logits span all {head_rank:,} directions the head can "
-                "produce, so the head on the reconstruction reproduces every test logit")  # fmt: skip
+        note = (f"exact at alpha 0: the {train_rows:,} train rows' logits span all {head_rank:,} directions the head "
+                "can produce, so the head on the reconstruction reproduces every test logit")  # fmt: skip
     else:
-        note = (f"not guaranteed at alpha 0: the {n:,} train rows' logits span {train_rank:,} of the head's "
-                f"{head_rank:,} directions (needs more than {head_rank:,} train rows); test logits outside that span "
-                "are projected, so agreement can fall below 1.0")  # fmt: skip
-    return {"train_rows": n, "train_logit_rank": train_rank, "head_rank": head_rank, "exact": exact, "note": note}
+        note = (f"not guaranteed at alpha 0: the {train_rows:,} train rows' logits span {train_logit_rank:,} of the "
+                f"head's {head_rank:,} directions (needs more than {head_rank:,} train rows); test logits outside that "
+                "span are projected, so agreement can fall below 1.0")  # fmt: skip
+    return {"train_rows": int(train_rows), "train_logit_rank": int(train_logit_rank), "head_rank": int(head_rank),
+            "exact": bool(exact), "note": note}  # fmt: skip

@@ -365,6 +365,7 @@ def fit_pair(
         linmap, alpha, scores = _fit_ridge(store, source, target, train, fit, stats)
         train_rows = stats.rows
         form = stats.form
+        extra = {"train_logit_rank": stats.solver.rank}  # directions alpha 0 keeps (a self pair's exactness)
     elif method == "sgd":
         linmap, alpha = _fit_sgd(store, source, target, train, fit), None
         train_rows = store.read_manifest(store.split_dir(source, train))["rows"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from .spec import Cell, FitSpec, GridSpec
 from .store import Store
 
 SIMILARITY_VERSION = 1
-PAIR_VERSION = 2  # 2: bootstrap intervals and drill-down data in every pair row
+PAIR_VERSION = 3  # 2: bootstrap intervals and drill-down data in every pair row; 3: ridge rows' train_logit_rank
 CKA_COLUMNS = ("features", "logits")
 TODO, CACHED = "todo", "cached"
 
@@ -119,9 +121,33 @@ def used_models(spec: GridSpec) -> list[str]:
     return list(dict.fromkeys(k for p in spec.pairs for k in p))
 
 
+_PASS_KEYS: ContextVar[dict[tuple[str, str, str], str] | None] = ContextVar("pass_keys", default=None)
+
+
+@contextmanager
+def planning_pass() -> Iterator[None]:
+    """Within this block each (model, split) shard key is computed once. A key hashes the weights file and walks a
+    folder dataset, and every pair asks for four of them: N^2 walks of an ImageNet folder otherwise. Scoped to one
+    pass, not the process, so a checkpoint rewritten between two plans still changes the key."""
+    if _PASS_KEYS.get() is not None:
+        yield
+        return
+    token = _PASS_KEYS.set({})
+    try:
+        yield
+    finally:
+        _PASS_KEYS.reset(token)
+
+
 def spec_shard_key(spec: GridSpec, ref: ModelRef, data: DataRef) -> str:
-    """The cache key of one (model, split) shard set at the spec's extraction precision."""
-    return shard_key(ref, data, spec.resources.precision)
+    """The cache key of one (model, split) shard set at the spec's extraction precision (once per planning_pass)."""
+    memo = _PASS_KEYS.get()
+    if memo is None:
+        return shard_key(ref, data, spec.resources.precision)
+    at = (repr(ref), repr(data), spec.resources.precision)
+    if at not in memo:
+        memo[at] = shard_key(ref, data, spec.resources.precision)
+    return memo[at]
 
 
 def pair_key(spec: GridSpec, cell: Cell, source: str, target: str, method: str) -> str:
@@ -281,7 +307,11 @@ def plan_grid(spec: GridSpec, output: str | Path | None = None, *, rebuild: bool
     head analysis, model-level CKA of features and logits, the similarity measures of every setting, and the extraction and zoo training they need. A result
     whose key matches what `output` holds is cached, and then nothing it depends on is planned. Fits come in spec
     order (pair_todo)."""
-    out = Path(output or spec.output)
+    with planning_pass():
+        return _plan_grid(spec, Path(output or spec.output), rebuild)
+
+
+def _plan_grid(spec: GridSpec, out: Path, rebuild: bool) -> Graph:
     store = Store(spec.store)
     graph = Graph()
     r = spec.resources

@@ -58,7 +58,7 @@ def publish(output: Path, spec: GridSpec) -> Path:
         models = pd.DataFrame({"model": list(spec.models), "family": [m.source for m in spec.models.values()]})
     agree = results.pivot_table(index="source", columns="target", values="agreement", aggfunc="mean")
     order = model_order(models, agree if len(results) else None)
-    sections = [_seed_section(spec, results), _head_section(models) if len(results) else None,
+    sections = [_seed_section(spec, results), _head_section(models, results) if len(results) else None,
                 _similarity_section(spec, output, order, results), _layer_cka_section(output),
                 _inversion_section(output), _transfer_section(output), _tasks_section(output)]  # fmt: skip
     return write_report(
@@ -243,8 +243,38 @@ HEAD_COLUMNS = ["model", "classes", "feature_dim", "head_rank", "null_dims", "ze
                 "rowspace_variance", "pinv_r2", "pinv_agreement", "logit_variance", "reason"]  # fmt: skip
 
 
-def _head_section(models: pd.DataFrame) -> Section | None:
-    """Why self-reconstruction works or fails, per model: the head's shape and rank, and the analytic baseline."""
+SELF_COLUMNS = ["setting", "mode", "model", "alpha", "train_rows", "train_logit_rank", "head_rank", "agreement",
+                "exact at alpha 0", "note"]  # fmt: skip
+
+
+def self_pair_table(results: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """One row per ridge self pair: whether "agreement 1.0 at alpha 0" is guaranteed for it (heads.exactness: the
+    logit directions its solver kept against the head's rank), and what was measured. Pairs fitted with alpha > 0
+    are regularised, so no exactness is claimed for them."""
+    from .heads import exactness
+
+    need = {"train_logit_rank", "alpha", "source", "target", "method"}
+    if not need <= set(results.columns) or "head_rank" not in models.columns:
+        return pd.DataFrame(columns=SELF_COLUMNS)
+    rank = dict(zip(models["model"].astype(str), models["head_rank"], strict=True))
+    own = results[(results["source"].astype(str) == results["target"].astype(str)) & (results["method"] == "ridge")]
+    rows = []
+    for _, r in own.dropna(subset=["train_logit_rank"]).iterrows():
+        model = str(r["source"])
+        if pd.isna(rank.get(model)):
+            continue
+        out = exactness(int(r["train_rows"]), int(r["train_logit_rank"]), int(rank[model]))
+        if r["alpha"] != 0:
+            out.update(exact=None, note=f"alpha {r['alpha']:g} > 0: a regularised fit, exactness not claimed")
+        rows.append({"setting": r.get("setting"), "mode": r.get("mode"), "model": model, "alpha": r["alpha"],
+                     **{k: out[k] for k in ("train_rows", "train_logit_rank", "head_rank")}, "agreement": r["agreement"],
+                     "exact at alpha 0": out["exact"], "note": out["note"]})  # fmt: skip
+    return pd.DataFrame(rows, columns=SELF_COLUMNS)
+
+
+def _head_section(models: pd.DataFrame, results: pd.DataFrame) -> Section | None:
+    """Why self-reconstruction works or fails, per model: the head's shape and rank, the analytic baseline, and per
+    self pair whether agreement 1.0 at alpha 0 is guaranteed."""
     if "head_rank" not in models.columns:
         return None
     note = (
@@ -252,10 +282,16 @@ def _head_section(models: pd.DataFrame) -> Section | None:
         "is exact when C >= D and W has full column rank, and otherwise recovers only the part of f in W's row space "
         "(rowspace_variance: that part's share of the test features' variance). pinv_agreement is the head's top-1 "
         "on f^ against its top-1 on f; a fitted map can do better than pinv only by exploiting correlations between "
-        "the visible and the invisible directions of f."
+        "the visible and the invisible directions of f. The second table takes each ridge self pair: least squares "
+        "(alpha 0) reproduces every test logit exactly when the centered train logits span all rank(W) directions "
+        "the head can produce (train_logit_rank, the directions the solver kept, >= head_rank), which needs more "
+        "train rows than rank(W); where it does not hold, agreement below 1.0 is expected, not a bug."
     )
-    return Section("Heads: why self-reconstruction succeeds or fails",
-                   tables=[models[[c for c in HEAD_COLUMNS if c in models.columns]]], note=note)  # fmt: skip
+    tables = [models[[c for c in HEAD_COLUMNS if c in models.columns]]]
+    own = self_pair_table(results, models)
+    if len(own):
+        tables.append(own)
+    return Section("Heads: why self-reconstruction succeeds or fails", tables=tables, note=note)
 
 
 def similarity_frame(spec: GridSpec, output: Path) -> pd.DataFrame:

@@ -214,12 +214,13 @@ def save_layer_cka(output: Path, exports: list[dict[str, Any]]) -> None:
     write_atomic(Path(output) / "layer_cka.json", json.dumps(exports, indent=1, default=str).encode())
 
 
-TASK_COLUMNS = ["command", "name", "kind", "status", "seconds", "node", "error"]
+TASK_COLUMNS = ["command", "name", "kind", "status", "seconds", "node", "node_id", "gpu_ids", "error"]
 
 
 def save_tasks(output: Path, command: str, records: list[dict[str, Any]]) -> None:
     """tasks.parquet: one row per task the last `command` (run, cka, invert) executed or reused (name, kind, status
-    computed/reused/failed, seconds in the task body, node, error); rows of the other commands are kept."""
+    computed/reused/failed, seconds in the task body, node address and id, the GPU ids Ray gave it, error); rows of
+    the other commands are kept."""
     path = Path(output) / "tasks.parquet"
     frame = pd.DataFrame.from_records([{"command": command, **r} for r in records], columns=TASK_COLUMNS)
     if path.exists():

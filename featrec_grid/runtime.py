@@ -33,7 +33,9 @@ class TaskRecord:
     kind: str
     status: str  # computed | reused | failed
     seconds: float = 0.0
-    node: str = ""
+    node: str = ""  # the address of the node that ran it
+    node_id: str = ""  # Ray's id of that node (nodes of one machine share an address)
+    gpu_ids: str = ""  # the GPU ids Ray gave the task, comma-separated; empty when it asked for none
     error: str = ""
 
 
@@ -153,16 +155,18 @@ def resolve(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _call(fn: str, keys: tuple[str, ...], *values: Any) -> tuple[Any, float, str]:
+def _call(fn: str, keys: tuple[str, ...], *values: Any) -> tuple[Any, float, tuple[str, str, str]]:
     """A task body as Ray runs it: fn(*args, **kwargs) with the last len(keys) values as the keyword arguments
     (every argument is top-level, so Ray resolves the object references among them); returns (result, seconds in
-    the function, this node's address)."""
+    the function, where it ran: (node address, node id, the GPU ids it was given))."""
     import ray
 
     t0 = time.perf_counter()
     n = len(values) - len(keys)
     value = resolve(fn)(*values[:n], **dict(zip(keys, values[n:], strict=True)))
-    return value, time.perf_counter() - t0, ray.util.get_node_ip_address()
+    gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+    where = (ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(), gpu_ids)
+    return value, time.perf_counter() - t0, where
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -280,7 +284,7 @@ def execute(
             done, _ = ray.wait(list(inflight), num_returns=1)
             t, value_ref, node_ref = inflight.pop(done[0])
             try:
-                seconds, node = ray.get([done[0], node_ref])
+                seconds, where = ray.get([done[0], node_ref])
                 value = None if t.name in as_ref else ray.get(value_ref)
             except ray.exceptions.RayError as err:
                 with suppress(ray.exceptions.RayError):
@@ -289,7 +293,7 @@ def execute(
             else:
                 if t.name in as_ref:
                     refs[t.name] = value_ref
-                finish(t, TaskRecord(t.name, t.kind, "computed", seconds, node), value)
+                finish(t, TaskRecord(t.name, t.kind, "computed", seconds, *where), value)
     finally:
         bar.close()
     return run

@@ -13,7 +13,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -219,21 +219,8 @@ class Store:
         with contextlib.suppress(FileNotFoundError):  # from here on the split reads as "missing"
             self.fs.delete_file(self._path(f"{rel_dir}/{MANIFEST}"))
         written: list[str] = []
-        files: list[dict[str, Any]] = []
         try:
-            shard = _ShardBuffer(cap, c, d)
-            total = 0
-            for number, batch in enumerate(batches):
-                index, label, logits, features = _check_batch(batch, number, total, c, d, where)
-                start = 0
-                while start < len(index):
-                    start += shard.add(index, label, logits, features, start)
-                    if shard.full:
-                        files.append(self._write_shard(rel_dir, len(files), shard, written))
-                        shard.rows = 0  # the shard's file is closed: its buffer can take the next rows
-                total += len(index)
-            if shard.rows:
-                files.append(self._write_shard(rel_dir, len(files), shard, written))
+            files, total = self._stream_shards(rel_dir, batches, (cap, c, d), where, written, lambda n, _row: n)
             head_bytes = safetensors.numpy.save({"weight": weight, "bias": bias})
             written.append(f"{rel_dir}/{HEAD}")
             self.write_bytes(f"{rel_dir}/{HEAD}", head_bytes)
@@ -391,6 +378,33 @@ class Store:
         with atomic_output(self._path(_clean_rel(rel)), self.fs, where=self.full_path(rel)) as out:
             yield out
 
+    def _stream_shards(
+        self,
+        rel_dir: str,
+        batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+        shape: tuple[int, int, int],
+        where: str,
+        written: list[str],
+        number: Callable[[int, int], int],
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Checked batches into shards of at most `shape`[0] rows ((rows per shard, C, D)); shard i, whose first row
+        is the r-th row written, is part-<number(i, r)>. Returns (file entries, rows written); every path written is
+        appended to `written` as it is started, so a caller can remove an interrupted attempt's files."""
+        cap, c, d = shape
+        shard, files, total, flushed = _ShardBuffer(cap, c, d), [], 0, 0
+        for n, batch in enumerate(batches):
+            index, label, logits, features = _check_batch(batch, n, total, c, d, where)
+            taken = 0
+            while taken < len(index):
+                taken += shard.add(index, label, logits, features, taken)
+                if shard.full:
+                    files.append(self._write_shard(rel_dir, number(len(files), flushed), shard, written))
+                    flushed, shard.rows = flushed + shard.rows, 0  # the file is closed: the buffer is free again
+            total += len(index)
+        if shard.rows:
+            files.append(self._write_shard(rel_dir, number(len(files), flushed), shard, written))
+        return files, total
+
     def _write_shard(
         self, rel_dir: str, number: int, shard: _ShardBuffer, written: list[str]
     ) -> dict[str, Any]:
@@ -500,20 +514,10 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.delete_file(self._path(rel))
         written: list[str] = []
-        files: list[dict[str, Any]] = []
         try:
-            shard, total, flushed = _ShardBuffer(cap, c, d), 0, 0
-            for number, batch in enumerate(batches):
-                index, label, logits, features = _check_batch(batch, number, total, c, d, where)
-                taken = 0
-                while taken < len(index):
-                    taken += shard.add(index, label, logits, features, taken)
-                    if shard.full:
-                        files.append(self._write_shard(rel_dir, start + flushed, shard, written))
-                        flushed, shard.rows = flushed + shard.rows, 0
-                total += len(index)
-            if shard.rows:
-                files.append(self._write_shard(rel_dir, start + flushed, shard, written))
+            # shards named by the position of their first row: unique across the ranges of one split
+            files, total = self._stream_shards(rel_dir, batches, (cap, c, d), where, written,
+                                               lambda _n, row: start + row)  # fmt: skip
             if total != stop - start:
                 raise ValueError(f"{where}: the batches held {total} rows, the range has {stop - start}")
             head_bytes = safetensors.numpy.save({"weight": weight, "bias": bias})

@@ -1,6 +1,10 @@
 """The grid on a two-node Ray cluster on loopback: the same results as one node, and a node lost mid-grid
 costs nothing (Ray retries its tasks on the node that is left).
 
+Each node declares one logical GPU (`ray start --num-gpus=1`; this machine has no CUDA): extraction tasks ask for
+and receive a GPU id and fall back to the CPU inside, the row ranges of one split spread over both nodes, and the
+closed-form fits ask for none, while the numbers stay those of a one-node, GPU-less, one-task-per-split run.
+
 The nodes are `ray start` processes of their own (not this pytest process, whose session may hold the
 in-process Ray of conftest's `ray_session`), and the grid runs as `featrec-grid run --address` in a
 subprocess. Each node is started in a session of its own with a temp dir of its own; teardown kills the
@@ -114,6 +118,7 @@ def _start_node(args: list[str], env: dict[str, str], temp_dir: Path) -> _Node:
     """`ray start ARGS` on loopback with 1 CPU in a session of its own (found and killed alone)."""
     temp_dir.mkdir(parents=True)
     cmd = [sys.executable, "-c", _RAY_CLI, "start", *args, f"--node-ip-address={LOOPBACK}", "--num-cpus=1"]
+    cmd += ["--num-gpus=1"]  # logical: Ray schedules on it and hands out id 0; torch sees no CUDA
     cmd += ["--object-store-memory=100000000", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     cmd += [f"--dashboard-agent-listen-port={_free_port()}"]  # the default, 52365, is the same for every node
     proc = subprocess.Popen(
@@ -139,7 +144,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a worker node, 1 CPU each, everything on 127.0.0.1; yields (address, env, worker node)."""
+    """A head and a worker node, 1 CPU and 1 logical GPU each, everything on 127.0.0.1; yields (address, env, worker
+    node)."""
     # A token of this cluster's own: ~/.ray/auth_token is neither needed nor written.
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
     root = Path(tempfile.mkdtemp(prefix="fgc-"))  # a short path: Ray's unix sockets live under it
@@ -157,8 +163,8 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _write_spec(path: Path, store: Path, output: Path, fit: str) -> Path:
-    path.write_text(f"name: {path.stem}\nstore: {store}\noutput: {output}\n{MODELS}fit: {fit}\n")
+def _write_spec(path: Path, store: Path, output: Path, fit: str, resources: str = "{}") -> Path:
+    path.write_text(f"name: {path.stem}\nstore: {store}\noutput: {output}\n{MODELS}fit: {fit}\nresources: {resources}\n")
     return path
 
 
@@ -194,12 +200,15 @@ def _worker_ran_tasks(node: _Node, task: str) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster_store(cluster, tmp_path_factory):
-    """Test A: the ridge grid on the two-node cluster and on one local node, each from an empty store."""
+    """Test A: the ridge grid on the two-node cluster, each train split (1,257 rows) in two row ranges, and on one
+    local node without GPUs, one task per split; each from an empty store."""
     address, env, worker = cluster
     tmp = tmp_path_factory.mktemp("cluster")
-    spec = _write_spec(tmp / "ridge.yaml", tmp / "store", tmp / "on_cluster", "{alpha: [0, 1]}")
+    ridge = "{alpha: [0, 1]}"
+    spec = _write_spec(tmp / "ridge.yaml", tmp / "store", tmp / "on_cluster", ridge, "{rows_per_task: 700}")
     on_cluster = _run(_grid_cmd(spec, "--address", address), env)
-    local = _run(_grid_cmd(spec, "--output", str(tmp / "local"), "--store", str(tmp / "store_local")), _env())
+    whole = _write_spec(tmp / "ridge_whole.yaml", tmp / "store_local", tmp / "local", ridge)
+    local = _run(_grid_cmd(whole), _env())
     return tmp, on_cluster, local, worker
 
 
@@ -211,6 +220,22 @@ def test_two_nodes_match_one_node(cluster_store):
         "the worker node did nothing"
     )
     _assert_same_pairs(_results(tmp / "on_cluster"), _results(tmp / "local"))
+
+
+def test_gpu_resources_on_two_nodes(cluster_store):
+    """Extraction asks for a GPU and gets one on either node; the ranges of a split run on both nodes; fits ask
+    for no GPU. Read from the run's tasks.parquet (node id and GPU ids as each task saw them inside Ray)."""
+    tasks = pd.read_parquet(cluster_store[0] / "on_cluster" / "tasks.parquet")
+    computed = tasks[tasks["status"] == "computed"]
+    ranges = computed[computed["name"].str.contains(" rows ")]
+    assert len(ranges) == 6, computed["name"].tolist()  # 3 models x the train split's 2 ranges
+    extracting = computed[computed["kind"].isin(["extract", "train_zoo"])]
+    assert (extracting["gpu_ids"] == "0").all(), extracting[["name", "gpu_ids"]]
+    assert ranges["node_id"].nunique() == 2, ranges[["name", "node_id"]]
+    fits = computed[computed["kind"].isin(["fit", "source_stats", "head", "cka"])]
+    assert len(fits) >= 9 and (fits["gpu_ids"] == "").all(), fits[["name", "gpu_ids"]]
+    finished = computed[computed["kind"] == "finish_split"]
+    assert len(finished) == 3
 
 
 def test_worker_node_killed_mid_grid(cluster, cluster_store):

@@ -199,3 +199,39 @@ def test_self_pair_exactness_with_a_low_rank_head():
     out = self_pair_exactness(f_train @ w.T, w)
     assert (out["head_rank"], out["train_logit_rank"], out["exact"]) == (3, 3, True)
     assert _self_agreement_by_lstsq(f_train, rng.standard_normal((300, 20)), w, np.zeros(10)) == 1.0
+
+
+@pytest.mark.parametrize(("train_rows", "exact"), [(60, True), (8, False)])
+def test_self_pair_row_and_report_table_say_when_alpha_zero_is_exact(tmp_path, train_rows, exact):
+    """A self pair fitted at alpha 0 from shards: its row's train_logit_rank is the rank of the centered train logits
+    (numpy.linalg.matrix_rank), and the report's self-pair table calls it exact exactly when that reaches rank(W);
+    the measured agreement is 1.0 when exact and below 1.0 here when not (C = 10, D = 20)."""
+    import pandas as pd
+
+    from featrec_grid.pairs import fit_pair
+    from featrec_grid.publish import self_pair_table
+    from featrec_grid.refs import DataRef
+    from featrec_grid.spec import FitSpec
+    from featrec_grid.store import Store
+
+    rng = np.random.default_rng(train_rows)
+    w, b = rng.standard_normal((10, 20)).astype(np.float32), rng.standard_normal(10).astype(np.float32)
+    store = Store(str(tmp_path))
+    train, test = DataRef("digits", "train"), DataRef("digits", "test")
+    logits = {}
+    for data, rows in ((train, train_rows), (test, 400)):
+        f = rng.standard_normal((rows, 20)).astype(np.float32)
+        index = np.arange(rows, dtype=np.int64)
+        logits[data.split] = f @ w.T + b
+        store.write_split(store.split_dir("m", data), meta={"key": "k", "model": "m", "dataset": "digits",
+                          "split": data.split}, head=(w, b), batches=[(index, index % 10, logits[data.split], f)])  # fmt: skip
+    row = fit_pair(store, "m", "m", train, test, FitSpec(alphas=(0.0,)), "ridge", resamples=10)
+    z = logits["train"].astype(np.float64)
+    assert row["train_logit_rank"] == np.linalg.matrix_rank(z - z.mean(0)) == min(train_rows - 1, 10)
+    results = pd.DataFrame([{**row, "setting": "s", "mode": "default"}])
+    table = self_pair_table(results, pd.DataFrame({"model": ["m"], "head_rank": [np.linalg.matrix_rank(w)]}))
+    assert table["exact at alpha 0"].tolist() == [exact]
+    if exact:
+        assert row["agreement"] == 1.0
+    else:
+        assert row["agreement"] < 1.0 and "not guaranteed" in table["note"].iloc[0]

@@ -282,3 +282,19 @@ def test_long_splits_become_row_range_tasks(tmp_path):
     assert finish.kind == "finish_split" and finish.deps == tuple(t.name for t in train)
     assert {t.cpus for t in train} == {3} and train[0].kwargs["cpus"] == 3 and train[0].deps == ("train_zoo a",)
     assert graph.get("fit a -> b [ridge]").deps[0] == "extract a digits/train"  # fits wait for the whole split
+
+
+def test_each_shard_key_once_per_planning_pass(tmp_path, monkeypatch):
+    """A shard key hashes weights and walks folders: one plan computes each (model, split) key once, not four times
+    per pair; a new plan computes them again (a checkpoint rewritten in between must change them)."""
+    from featrec_grid import plan
+
+    spec = _spec(tmp_path)
+    calls = []
+    real = plan.shard_key
+    monkeypatch.setattr(plan, "shard_key", lambda *a: calls.append(a) or real(*a))
+    plan_grid(spec)
+    assert len(calls) == 4  # 2 models x (train, test)
+    assert len({(repr(m), repr(d)) for m, d, _ in calls}) == 4
+    plan_grid(spec)
+    assert len(calls) == 8
