@@ -243,7 +243,9 @@ def test_worker_node_killed_mid_grid(cluster, cluster_store):
     address, env, worker = cluster
     tmp = cluster_store[0]
     sgd = "{method: sgd, sgd: {epochs: 60}}"  # seeded, slow enough to kill a node in the middle
-    spec = _write_spec(tmp / "sgd.yaml", tmp / "store", tmp / "sgd_cluster", sgd)
+    # CPU-only fits: each node then runs one at a time, so the worker is busy with pairs throughout (with a GPU
+    # share Ray packs the fractional-GPU fits onto one node and the worker may never hold one long enough)
+    spec = _write_spec(tmp / "sgd.yaml", tmp / "store", tmp / "sgd_cluster", sgd, "{gpus_per_fit: 0}")
     reference = tmp / "sgd_local"
     _run(_grid_cmd(spec, "--output", str(reference)), _env())
 
