@@ -453,6 +453,8 @@ def _create_timm(ref: ModelRef, name: str, weights: str | None) -> tuple[nn.Modu
     except UserError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as err:
+        if weights != "pretrained":  # an unreadable file: our own reading names it and says why (timm's wording
+            read_state_dict(weights)  # for a corrupt .pth blames "non-allowlisted pickle globals")
         raise UserError(
             f"model {ref.key}: could not load weights {weights!r} for timm {name}: {load_reason(err)}"
         ) from None

@@ -202,21 +202,66 @@ def test_unwritable_store_exits_2_before_any_work(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize(("how", "epochs"), [("sigkill", 40), ("sigint", 41)])
-def test_interrupt_midway_then_resume(grid, how, epochs):
-    """SIGKILL of the driver's process group, or Ctrl-C on the driver, while pairs are being fitted: finished
-    pairs stay saved and the rerun computes only what was not saved."""
-    tmp, *_ = grid
-    out = tmp / how
-    spec = _spec(tmp, how, f"fit: {{method: sgd, sgd: {{epochs: {epochs}}}}}\n", output=out)
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    cmd = [sys.executable, "-m", "featrec_grid.cli", "run", str(spec), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=how == "sigkill")
-    deadline = time.time() + 240
+SLOW_SGD = "fit: {method: sgd, sgd: {epochs: 40}}\n"  # seeded, slow enough to land a signal mid-grid
+RESULT_KEYS = ["source", "target", "method"]
+NUMBERS = ["train_rows", "test_rows", "mse", "mse_total_seed", "r2", "agreement", "cosine", "accuracy_real",
+           "accuracy_recon", "agreement_lo", "agreement_hi"]  # fmt: skip
+
+
+def _cli_run(spec):
+    return [sys.executable, "-m", "featrec_grid.cli", "run", str(spec), "--no-progress"]
+
+
+def _wait_for_pairs(out, proc, deadline_s=240):
+    deadline = time.time() + deadline_s
     while time.time() < deadline and not list((out / "pairs").glob("*.json")):
         assert proc.poll() is None, proc.stdout.read().decode()
         time.sleep(0.2)
+
+
+def _numbers(output):
+    frame = pd.read_parquet(output / "results.parquet").sort_values(RESULT_KEYS).reset_index(drop=True)
+    return frame[RESULT_KEYS + NUMBERS]
+
+
+@pytest.fixture(scope="module")
+def clean_sgd(grid):
+    """The slow SGD grid run start to finish, while a second run of the same spec into the same output and store
+    is tried in the middle of it: (output, the second run's outcome)."""
+    tmp = grid[0]
+    out = tmp / "clean_sgd"
+    spec = _spec(tmp, "clean_sgd", SLOW_SGD, output=out)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    first = subprocess.Popen(_cli_run(spec), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _wait_for_pairs(out, first)
+    second = subprocess.run(_cli_run(spec), env=env, capture_output=True, text=True, timeout=120)
+    assert first.wait(timeout=300) == 0, first.stdout.read().decode()
+    return out, second
+
+
+def test_a_second_run_of_one_spec_at_once_is_refused_and_the_first_finishes_intact(clean_sgd):
+    out, second = clean_sgd
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"{out} is in use by another featrec-grid run (pid " in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    results = _numbers(out)
+    assert len(results) == 9 and not results.duplicated(RESULT_KEYS).any() and results["mse"].notna().all()
+    for path in (out / "pairs").glob("*.json"):  # every saved pair whole
+        json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigint"])
+def test_interrupt_midway_then_resume(grid, clean_sgd, how):
+    """SIGKILL of the driver's process group, or Ctrl-C on the driver, while pairs are being fitted: finished
+    pairs stay saved, the rerun computes only what was not saved, and every number equals the clean run's."""
+    tmp, *_ = grid
+    out = tmp / how
+    spec = _spec(tmp, how, SLOW_SGD, output=out)
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = _cli_run(spec)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=how == "sigkill")
+    _wait_for_pairs(out, proc)
     if how == "sigkill":
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -228,6 +273,9 @@ def test_interrupt_midway_then_resume(grid, how, epochs):
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"pairs: computed={9 - saved} reused={saved} failed=0" in rerun.stdout
+    got, want = _numbers(out), _numbers(clean_sgd[0])
+    assert got[RESULT_KEYS].equals(want[RESULT_KEYS])
+    np.testing.assert_allclose(got[NUMBERS].to_numpy(float), want[NUMBERS].to_numpy(float), rtol=1e-7, atol=0)
 
 
 def test_local_ray_binds_loopback(tmp_path):

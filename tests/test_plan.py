@@ -298,3 +298,44 @@ def test_each_shard_key_once_per_planning_pass(tmp_path, monkeypatch):
     assert len({(repr(m), repr(d)) for m, d, _ in calls}) == 4
     plan_grid(spec)
     assert len(calls) == 8
+
+
+FURTHER = [  # malformed inputs of the same kinds as the issue's cases, none of them tried there
+    ("name: t\nmodels: {}\n".encode("utf-32"), "holds NUL bytes"),
+    (b"name: t\nmodels: {a\xff: 1}\n", "not UTF-8 text"),
+    (b"name: t\x00\n", "holds NUL bytes"),
+    (b"a: " + b"{b: " * 5000 + b"1" + b"}" * 5000, "nested"),
+    (b"a: &a {x: 1, y: 1, z: 1, w: 1, v: 1, u: 1, t: 1, s: 1, r: 1}\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n", "expands to more than"),
+    ("report: {resamples: 0}\n", "report.resamples: 0"),
+    ("resources: {rows_per_task: 0}\n", "resources.rows_per_task: 0"),
+    ("inversion: {optim: {steps: 1.5}}\n", "inversion.optim.steps: 1.5"),
+    ("fit: {val_fraction: 1.5}\n", "fit.val_fraction: 1.5"),
+    ("fit: {alpha: .nan}\n", "fit.alpha: nan"),
+    ("resources: {batch_size: -3}\n", "resources.batch_size: -3"),
+    ("models:\n  ../up: {source: zoo, architecture: mlp}\n", "'../up' must be a model key: 1-64 characters"),
+    ("models:\n  <b>x</b>: {source: zoo, architecture: mlp}\n", "'<b>x</b>' must be a model key"),
+    ("models:\n  a b: {source: zoo, architecture: mlp}\n", "'a b' must be a model key"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "cka", "invert"])
+@pytest.mark.parametrize(("extra", "message"), FURTHER)
+def test_further_malformed_inputs_are_refused_by_every_command(tmp_path, command, extra, message):
+    """Refused in the spec check, before Ray or any model: exit 2, one message naming the field, no traceback."""
+    if isinstance(extra, bytes):
+        path = tmp_path / "bad.yaml"
+        path.write_bytes(extra)
+    else:
+        base = SPEC.format(tmp=tmp_path)
+        if extra.startswith("fit:"):
+            base = base.replace("fit: {method: [ridge, sgd], alpha: [0, 1]}\n", "")
+        if extra.startswith("models:"):
+            base = base.replace("models:\n", extra)
+        path = tmp_path / "p.yaml"
+        path.write_text(base if extra.startswith("models:") else base + extra)
+    result = CliRunner().invoke(main, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) <= 3, result.output
