@@ -320,9 +320,9 @@ FURTHER = [  # malformed inputs of the same kinds as the issue's cases, none of 
 ]
 
 
-@pytest.mark.parametrize("command", ["plan", "run", "cka", "invert"])
+@pytest.mark.parametrize("command", ["plan", "run"])
 @pytest.mark.parametrize(("extra", "message"), FURTHER)
-def test_further_malformed_inputs_are_refused_by_every_command(tmp_path, command, extra, message):
+def test_further_malformed_inputs_are_refused_by_plan_and_run(tmp_path, command, extra, message):
     """Refused in the spec check, before Ray or any model: exit 2, one message naming the field, no traceback."""
     if isinstance(extra, bytes):
         path = tmp_path / "bad.yaml"
@@ -339,3 +339,22 @@ def test_further_malformed_inputs_are_refused_by_every_command(tmp_path, command
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output, result.output
     assert len(result.output.strip().splitlines()) <= 3, result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["bench", "scale", "--rows", "-5"], "Invalid value for '--rows': -5 is not in the range x>=1000"),
+    (["bench", "extract", "--device", "tpu"], "'tpu' is not a device here; use cpu, cuda or cuda:N"),
+    (["bench", "cka", "--device", "tpu"], "'tpu' is not a device here; use cpu, cuda or cuda:N"),
+])
+def test_bench_options_are_checked_before_anything_runs(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_a_zoo_option_of_the_wrong_type_is_refused(tmp_path, command):
+    path = tmp_path / "p.yaml"
+    path.write_text(SPEC.format(tmp=tmp_path).replace("architecture: mlp}", "architecture: mlp, options: {img_size: big}}"))
+    result = CliRunner().invoke(main, [command, str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "models.a.options.img_size: 'big'" in result.output, result.output
