@@ -203,18 +203,8 @@ class Store:
         max_shard_bytes), so reads are zero-copy. Returns the manifest.
         """
         rel_dir = _clean_rel(rel_dir)
-        missing = [k for k in _REQUIRED_META if k not in meta]
-        if missing:
-            raise ValueError(f"write_split meta lacks {missing}; it needs {list(_REQUIRED_META)}")
-        json.dumps(meta, default=_json_default)  # fail before the expensive part, not after it
-        if rows_per_shard < 1 or max_shard_bytes < 1:
-            raise ValueError(
-                f"rows_per_shard and max_shard_bytes must be >= 1, got {rows_per_shard}, {max_shard_bytes}"
-            )
         where = self.full_path(rel_dir)
-        weight, bias = _check_head(head, where)
-        c, d = weight.shape
-        cap = max(1, min(rows_per_shard, max_shard_bytes // (16 + 4 * (c + d))))
+        weight, bias, (cap, c, d) = _check_write("write_split", meta, head, rows_per_shard, max_shard_bytes, where)
 
         with contextlib.suppress(FileNotFoundError):  # from here on the split reads as "missing"
             self.fs.delete_file(self._path(f"{rel_dir}/{MANIFEST}"))
@@ -497,18 +487,8 @@ class Store:
         rel_dir = _clean_rel(rel_dir)
         if not 0 <= start <= stop:
             raise ValueError(f"a row range needs 0 <= start <= stop, got [{start}, {stop})")
-        missing = [k for k in _REQUIRED_META if k not in meta]
-        if missing:
-            raise ValueError(f"write_range meta lacks {missing}; it needs {list(_REQUIRED_META)}")
-        json.dumps(meta, default=_json_default)
-        if rows_per_shard < 1 or max_shard_bytes < 1:
-            raise ValueError(
-                f"rows_per_shard and max_shard_bytes must be >= 1, got {rows_per_shard}, {max_shard_bytes}"
-            )
         where = f"{self.full_path(rel_dir)} rows [{start}, {stop})"
-        weight, bias = _check_head(head, where)
-        c, d = weight.shape
-        cap = max(1, min(rows_per_shard, max_shard_bytes // (16 + 4 * (c + d))))
+        weight, bias, (cap, c, d) = _check_write("write_range", meta, head, rows_per_shard, max_shard_bytes, where)
         mrel = f"{rel_dir}/{self.range_manifest_name(start, stop)}"
         for rel in (f"{rel_dir}/{MANIFEST}", mrel):
             with contextlib.suppress(FileNotFoundError):
@@ -686,6 +666,22 @@ class _HashingSink:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
+
+
+def _check_write(
+    caller: str, meta: dict[str, Any], head: Any, rows_per_shard: int, max_shard_bytes: int, where: str
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+    """What write_split and write_range check before the expensive part: the metadata (required keys, JSON-able),
+    the shard bounds and the head; returns (weight, bias, (rows per shard, C, D))."""
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{caller} meta lacks {missing}; it needs {list(_REQUIRED_META)}")
+    json.dumps(meta, default=_json_default)  # fail before the expensive part, not after it
+    if rows_per_shard < 1 or max_shard_bytes < 1:
+        raise ValueError(f"rows_per_shard and max_shard_bytes must be >= 1, got {rows_per_shard}, {max_shard_bytes}")
+    weight, bias = _check_head(head, where)
+    c, d = weight.shape
+    return weight, bias, (max(1, min(rows_per_shard, max_shard_bytes // (16 + 4 * (c + d)))), c, d)
 
 
 def _check_head(head: tuple[np.ndarray, np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
