@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from featrec_grid.cka import (
     CKA,
+    SHIFT_ROWS,
     CKAWarning,
     HSICAccumulator,
     centered_gram,
@@ -282,6 +283,54 @@ def test_cka_two_different_models_matches_direct_float64():
         ).max()
         > 1e-2
     )
+
+
+class Offset(nn.Module):
+    """Adds a constant far larger than the spread: the features' mean dominates their float32 Gram."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.value
+
+
+@pytest.mark.parametrize("leading_outliers", [False, True])
+def test_a_large_common_offset_keeps_compare_exact(leading_outliers):
+    """compare() shifts each layer by the mean of a batch's first SHIFT_ROWS examples; with outputs at 100 +- 0.3
+    an unshifted float32 Gram loses the HSIC, and outlying leading rows only widen the spread around the shift."""
+    torch.manual_seed(0)
+    m1 = nn.Sequential(nn.Conv2d(3, 4, 3), Offset(100.0), nn.Flatten(), nn.Linear(4 * 36, 6))
+    m2 = nn.Sequential(nn.Conv2d(3, 5, 3), Offset(-200.0), nn.Flatten(), nn.Linear(5 * 36, 7))
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    if leading_outliers:
+        x[:SHIFT_ROWS] += 5.0
+    dl = DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=32, shuffle=False)
+    layers1, layers2 = ["1", "3"], ["1", "3"]
+    cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
+    cka.compare(dl)
+    # reference: Song's formula on float64 Grams of the float32 outputs centered in float64 (uncentered, even
+    # float64 cancels here); the estimator is shift-invariant, so this is the same number
+    kl, kk, ll = np.zeros((2, 2)), np.zeros(2), np.zeros(2)
+    for batch in inputs(dl):
+        f1, f2 = capture(m1, layers1, batch), capture(m2, layers2, batch)
+        g1 = [(f - f.mean(0)) @ (f - f.mean(0)).T for f in (f1[n] for n in layers1)]
+        g2 = [(f - f.mean(0)) @ (f - f.mean(0)).T for f in (f2[n] for n in layers2)]
+        kk += [song_hsic(k, k) for k in g1]
+        ll += [song_hsic(g, g) for g in g2]
+        kl += [[song_hsic(k, g) for g in g2] for k in g1]
+    expected = kl / np.sqrt(kk[:, None] * ll[None, :])
+    assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
+    # the same estimator on unshifted float32 Grams is visibly wrong here: the shift is what keeps it exact
+    f1, f2 = capture(m1, ["1"], inputs(dl)[0]), capture(m2, ["1"], inputs(dl)[0])
+    g1, g2 = (torch.as_tensor(f["1"]).float() for f in (f1, f2))
+    k32, l32 = ((g @ g.T).double().numpy() for g in (g1, g2))
+    c1, c2 = (f["1"] - f["1"].mean(0) for f in (f1, f2))
+    k64, l64 = c1 @ c1.T, c2 @ c2.T
+    exact = song_hsic(k64, l64) / np.sqrt(song_hsic(k64, k64) * song_hsic(l64, l64))
+    rough = song_hsic(k32, l32) / np.sqrt(abs(song_hsic(k32, k32) * song_hsic(l32, l32)))
+    assert abs(rough - exact) > 1e-5  # ten times the tolerance compare() meets above
 
 
 def test_same_model_object_twice_and_second_loader():
