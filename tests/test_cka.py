@@ -82,14 +82,17 @@ def capture(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, n
     return out
 
 
-def direct_minibatch_cka(m1, m2, layers1, layers2, batches1, batches2) -> np.ndarray:
-    """Sum over batches of Song's HSIC on uncentered linear Grams, then the CKA ratio."""
+def direct_minibatch_cka(m1, m2, layers1, layers2, batches1, batches2, center: bool = False) -> np.ndarray:
+    """Sum over batches of Song's HSIC on linear Grams (uncentered, or of features centered per batch in float64:
+    the same number, which float64 keeps when a large offset cancels the uncentered terms), then the CKA ratio."""
     kl = np.zeros((len(layers1), len(layers2)))
     kk, ll = np.zeros(len(layers1)), np.zeros(len(layers2))
     for x1, x2 in zip(batches1, batches2, strict=True):
         f1, f2 = capture(m1, layers1, x1), capture(m2, layers2, x2)
-        g1 = [f1[n] @ f1[n].T for n in layers1]
-        g2 = [f2[n] @ f2[n].T for n in layers2]
+        c1 = {n: f1[n] - f1[n].mean(0) if center else f1[n] for n in layers1}
+        c2 = {n: f2[n] - f2[n].mean(0) if center else f2[n] for n in layers2}
+        g1 = [c1[n] @ c1[n].T for n in layers1]
+        g2 = [c2[n] @ c2[n].T for n in layers2]
         kk += [song_hsic(k, k) for k in g1]
         ll += [song_hsic(g, g) for g in g2]
         kl += [[song_hsic(k, g) for g in g2] for k in g1]
@@ -310,25 +313,13 @@ def test_a_large_common_offset_keeps_compare_exact(leading_outliers):
     layers1, layers2 = ["1", "3"], ["1", "3"]
     cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
     cka.compare(dl)
-    # reference: Song's formula on float64 Grams of the float32 outputs centered in float64 (uncentered, even
-    # float64 cancels here); the estimator is shift-invariant, so this is the same number
-    kl, kk, ll = np.zeros((2, 2)), np.zeros(2), np.zeros(2)
-    for batch in inputs(dl):
-        f1, f2 = capture(m1, layers1, batch), capture(m2, layers2, batch)
-        g1 = [(f - f.mean(0)) @ (f - f.mean(0)).T for f in (f1[n] for n in layers1)]
-        g2 = [(f - f.mean(0)) @ (f - f.mean(0)).T for f in (f2[n] for n in layers2)]
-        kk += [song_hsic(k, k) for k in g1]
-        ll += [song_hsic(g, g) for g in g2]
-        kl += [[song_hsic(k, g) for g in g2] for k in g1]
-    expected = kl / np.sqrt(kk[:, None] * ll[None, :])
+    expected = direct_minibatch_cka(m1, m2, layers1, layers2, inputs(dl), inputs(dl), center=True)
     assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
     # the same estimator on unshifted float32 Grams is visibly wrong here: the shift is what keeps it exact
-    f1, f2 = capture(m1, ["1"], inputs(dl)[0]), capture(m2, ["1"], inputs(dl)[0])
-    g1, g2 = (torch.as_tensor(f["1"]).float() for f in (f1, f2))
+    first = inputs(dl)[:1]
+    exact = direct_minibatch_cka(m1, m2, ["1"], ["1"], first, first, center=True)[0, 0]
+    g1, g2 = (torch.as_tensor(capture(m, ["1"], first[0])["1"]).float() for m in (m1, m2))
     k32, l32 = ((g @ g.T).double().numpy() for g in (g1, g2))
-    c1, c2 = (f["1"] - f["1"].mean(0) for f in (f1, f2))
-    k64, l64 = c1 @ c1.T, c2 @ c2.T
-    exact = song_hsic(k64, l64) / np.sqrt(song_hsic(k64, k64) * song_hsic(l64, l64))
     rough = song_hsic(k32, l32) / np.sqrt(abs(song_hsic(k32, k32) * song_hsic(l32, l32)))
     assert abs(rough - exact) > 1e-5  # ten times the tolerance compare() meets above
 

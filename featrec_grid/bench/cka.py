@@ -17,7 +17,7 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,24 +63,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _forward_seconds(m1: nn.Module, m2: nn.Module, loader: Any, device: torch.device) -> float:
-    """Both models' bare forward passes over the loader under inference mode (inputs moved to `device`)."""
-    _sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for (x,) in loader:
-            x = x.to(device)
-            m1(x)
-            m2(x)
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _floor_seconds(m1: nn.Module, m2: nn.Module, layers1: list[str], layers2: list[str], loader: Any,
-                   device: torch.device) -> float:
-    """The bare forward passes plus one float32 Gram X X^T per compared layer and batch (of the output kept by
-    reference, as pytorch-cka does), nothing else: the work any exact Gram-based CKA cannot avoid, without the
-    centering that keeps ours exact or any HSIC."""
+def _forward_seconds(
+    m1: nn.Module, m2: nn.Module, loader: Any, device: torch.device, layers1: Sequence[str] = (),
+    layers2: Sequence[str] = (),
+) -> float:
+    """Both models' forward passes over the loader under inference mode (inputs moved to `device`): bare without
+    layers; with layers, the floor: plus one float32 Gram X X^T per named layer and batch (of the output kept by
+    reference, as pytorch-cka does) and nothing else, the Gram work of any Gram-based CKA without the centering
+    that keeps ours exact or any HSIC."""
     kept: dict[str, torch.Tensor] = {}
     handles = [
         dict(m.named_modules())[name].register_forward_hook(
@@ -278,7 +268,7 @@ def _run_case(
     failures: dict[str, str] = {}
     for _ in range(repeats):  # interleaved, so that load from other processes hits all alike; best of each
         repeated["forward"].append(_forward_seconds(m1, m2, loader, device))
-        repeated["floor"].append(_floor_seconds(m1, m2, layers1, layers2, loader, device))
+        repeated["floor"].append(_forward_seconds(m1, m2, loader, device, layers1, layers2))
         for key, runner in (("ours", _run_ours), ("pytorch_cka", _run_pytorch_cka)):
             if key in repeated:
                 seconds, matrix, failure = runner(m1, m2, layers1, layers2, loader, device)
@@ -355,7 +345,7 @@ def run_cka_bench(
     """Run the named cases (see CASES) on `device` ("cpu", "cuda", "cuda:1", ...); returns times, max errors
     against the float64 reference and ratios to the bare forward passes, for ours and each installed peer.
 
-    The bare forward passes, the Gram-only floor (_floor_seconds), ours and pytorch-cka run `repeats` times,
+    The bare forward passes, the Gram-only floor (_forward_seconds with layers), ours and pytorch-cka run `repeats` times,
     interleaved, and the best time of each counts (targets are judged on these); the median over rounds of each
     round's own ratios is reported beside them; torch-cka (slow) and ckatorch run once. The load average before
     and after is recorded: other processes on the machine inflate every time, so read the ratios with it."""
