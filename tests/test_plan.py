@@ -320,9 +320,9 @@ FURTHER = [  # malformed inputs of the same kinds as the issue's cases, none of 
 ]
 
 
-@pytest.mark.parametrize("command", ["plan", "run"])
+@pytest.mark.parametrize("command", ["plan", "run", "cka", "invert"])
 @pytest.mark.parametrize(("extra", "message"), FURTHER)
-def test_further_malformed_inputs_are_refused_by_plan_and_run(tmp_path, command, extra, message):
+def test_further_malformed_inputs_are_refused_by_every_command(tmp_path, command, extra, message):
     """Refused in the spec check, before Ray or any model: exit 2, one message naming the field, no traceback."""
     if isinstance(extra, bytes):
         path = tmp_path / "bad.yaml"
