@@ -181,6 +181,18 @@ def _anneal(pair: float | Sequence[float], t: float) -> float:
     return float(a + (b - a) * t)
 
 
+def prepare(objective: Objective, seeds: Sequence[int], steps: int, size: int | None) -> int:
+    """What every inversion loop checks and sets first: steps >= 1, one or more seeds, per-image targets matching
+    the seeds; the classifiers in eval mode. Returns the image size (`size`, else the largest classifier input)."""
+    if steps < 1 or not seeds:
+        raise UserError(f"inversion: need steps >= 1 and at least one seed (got steps={steps}, seeds={list(seeds)})")
+    if objective.batch not in (1, len(seeds)):
+        raise UserError(f"inversion: objective has {objective.batch} per-image targets but {len(seeds)} seeds")
+    for clf in objective.classifiers:
+        clf.backbone.eval()
+    return int(size or max(c.input.size for c in objective.classifiers))
+
+
 def invert_many(
     objective: Objective,
     seeds: Sequence[int],
@@ -201,13 +213,7 @@ def invert_many(
     start -> end), Gaussian blur every `blur_every` steps (sigma annealed start -> end), clamp to [0, 1].
     Runs on the first classifier's device (see pixels.on_device; noise and jitter are drawn on the CPU, so a seed
     gives the same start everywhere); images come back on the CPU."""
-    if steps < 1 or not seeds:
-        raise UserError(f"inversion: need steps >= 1 and at least one seed (got steps={steps}, seeds={list(seeds)})")
-    if objective.batch not in (1, len(seeds)):
-        raise UserError(f"inversion: objective has {objective.batch} per-image targets but {len(seeds)} seeds")
-    for clf in objective.classifiers:
-        clf.backbone.eval()
-    size = int(size or max(c.input.size for c in objective.classifiers))
+    size = prepare(objective, seeds, steps, size)
     starts = torch.stack([start_noise(s, size, noise_mean, noise_scale) for s in seeds])
     gens = [torch.Generator().manual_seed(10_000 + int(s)) for s in seeds]
     x = starts.to(device_of(objective.classifiers[0]), copy=True)

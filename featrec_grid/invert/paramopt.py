@@ -11,7 +11,7 @@ import torch
 from featrec_grid.errors import UserError
 from featrec_grid.invert.fourier import FourierImage
 from featrec_grid.invert.maco import PhaseImage
-from featrec_grid.invert.optimise import InversionResult, Objective
+from featrec_grid.invert.optimise import InversionResult, Objective, prepare
 from featrec_grid.invert.pixels import device_of
 from featrec_grid.invert.robust import Robustness
 
@@ -43,13 +43,7 @@ def invert_spectral(
     parameters; each step every image passes through its own random transform (robust.Robustness.lucid(size,
     robustness)) before the objective. Adam is per-coordinate, so an image does not depend on the rest of the
     batch. Runs on the first classifier's device; images come back on the CPU."""
-    if steps < 1 or not seeds:
-        raise UserError(f"inversion: need steps >= 1 and at least one seed (got steps={steps}, seeds={list(seeds)})")
-    if objective.batch not in (1, len(seeds)):
-        raise UserError(f"inversion: objective has {objective.batch} per-image targets but {len(seeds)} seeds")
-    for clf in objective.classifiers:
-        clf.backbone.eval()
-    size = int(size or max(c.input.size for c in objective.classifiers))
+    size = prepare(objective, seeds, steps, size)
     image = image_module(parameterisation, seeds, size, decay_power).to(device_of(objective.classifiers[0]))
     with torch.no_grad():
         starts = image().cpu()
