@@ -19,13 +19,14 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from featrec_grid.errors import UserError
+from featrec_grid.gram import lower_gram
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -40,8 +41,10 @@ CONSTANT_RTOL = 1e-10
 shift they were centered by (relative spread below 1e-5, which float32 cannot resolve); their Gram is then exactly
 zero instead of rounding noise."""
 
-SHIFT_ROWS = 8
-"""compare() centers each layer's outputs by the mean of a batch's first SHIFT_ROWS examples (see _center)."""
+FIRST_ROW_SPREAD_MAX = 8.0
+"""compare() shifts each layer's rows by the batch's first row before its float32 Gram (the spread around it is
+twice that around the mean, on average). Where it is more than FIRST_ROW_SPREAD_MAX times that (an outlying first
+example), the layer is taken again in a second forward pass of the batch, centered by the batch mean."""
 
 ESTIMATOR = (
     "unbiased HSIC (Song et al. 2012) per minibatch, summed over minibatches (Nguyen, Raghu & Kornblith 2021); "
@@ -155,27 +158,22 @@ def _mean_weights(n: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
         return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
 
 
-def _center(
-    x: torch.Tensor, out: torch.Tensor | None = None, rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of features [n, ...] -> (features [n, d] minus a shift c, n |c|^2); float64 stays float64, any
-    other dtype becomes float32. c is the mean of all rows (`rows=None`: exact centering, as the biased HSIC
-    needs) or of the first `rows` rows: the unbiased HSIC is invariant to any shift, which only serves float32
-    accuracy, and a few rows' mean removes the common offset as well on average (the spread around it is
-    (1 + 1/rows) times the spread around the batch mean) without a pass over all the activations. `out`
-    (optional, [n, d]) receives the result, so that a caller can reuse one buffer across batches."""
+def _as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """One batch of features [n, ...] as [n, d]; float64 stays float64, any other dtype becomes float32."""
     x = x.reshape(x.shape[0], -1)
-    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    n = x.shape[0]
-    k = n if rows is None else min(n, rows)
-    mean = _mean_weights(k, x.dtype, x.device) @ x[:k]  # a gemv: 2-3x faster than x.mean(0) on CPU
-    xc = x - mean if out is None else torch.sub(x, mean, out=out)
-    return xc, mean.dot(mean) * n
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _center(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of features [n, ...] -> (_as_matrix(features) minus their mean c, n |c|^2)."""
+    x = _as_matrix(x)
+    mean = _mean_weights(x.shape[0], x.dtype, x.device) @ x  # a gemv: 2-3x faster than x.mean(0) on CPU
+    return x - mean, mean.dot(mean) * x.shape[0]
 
 
 def _is_constant(spread: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Features count as constant when sum |x - mean|^2 (the centered Gram's trace, `spread`) <= CONSTANT_RTOL *
-    sum |x|^2 (= spread + n |mean|^2, `offset` being n |mean|^2)."""
+    """Features count as constant when sum |x - c|^2 (the shifted Gram's trace, `spread`) <= CONSTANT_RTOL *
+    (spread + n |c|^2), `offset` being n |c|^2 for the shift c (the mean, or compare()'s first row)."""
     return spread <= CONSTANT_RTOL * (spread + offset.to(spread.dtype))
 
 
@@ -188,49 +186,59 @@ def centered_gram(x: torch.Tensor) -> torch.Tensor:
     return gram.zero_() if bool(_is_constant(gram.diagonal().sum(), offset)) else gram
 
 
-SongTerms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+class SongTerms(NamedTuple):
+    """Everything the unbiased HSIC of every layer pair needs from one side's Grams [L, n, n]."""
+
+    flat: torch.Tensor  # K~ (diagonal zeroed) flattened, [L, n*n]; only its strict lower triangle when `lower`
+    rows: torch.Tensor  # row sums of K~ [L, n]
+    total: torch.Tensor  # 1'K~1 [L]
+    lower: bool  # tr(K~L~) = 2 sum of the strict lower triangles' products
 
 
-def _song_terms(grams: torch.Tensor) -> SongTerms:
-    """Zero, in place, the diagonals of float64 Grams [L, n, n]; return (K~ flattened [L, n*n], row sums of K~
-    [L, n], totals 1'K~1 [L]): everything the unbiased HSIC of every layer pair needs."""
+def _song_terms(grams: torch.Tensor, lower: bool = False) -> SongTerms:
+    """Zero, in place, the diagonals of float64 Grams [L, n, n] (full, or `lower`: zero above the diagonal, as
+    gram.lower_gram writes them) and return their SongTerms."""
     grams.diagonal(dim1=-2, dim2=-1).zero_()
     rows = grams.sum(-1)
-    return grams.reshape(grams.shape[0], -1), rows, rows.sum(-1)
+    if lower:
+        rows += grams.sum(-2)
+    return SongTerms(grams.reshape(grams.shape[0], -1), rows, rows.sum(-1), lower)
 
 
 def _song_self(terms: SongTerms, n: int) -> torch.Tensor:
     """Unbiased HSIC(K, K) [L] from _song_terms."""
-    flat, rows, total = terms
-    value = torch.linalg.vector_norm(flat, dim=1).square()
-    value += total.square() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * rows.square().sum(-1)
+    value = torch.linalg.vector_norm(terms.flat, dim=1).square() * (2.0 if terms.lower else 1.0)
+    value += terms.total.square() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * terms.rows.square().sum(-1)
     return value / (n * (n - 3))
 
 
 def _song_cross(terms1: SongTerms, terms2: SongTerms, n: int) -> torch.Tensor:
-    """Unbiased HSIC(K_i, L_j) [L1, L2] from _song_terms of both sides: one float64 matrix product for tr(K~L~)."""
-    (flat1, rows1, total1), (flat2, rows2, total2) = terms1, terms2
-    value = flat1 @ flat2.T
-    value += torch.outer(total1, total2) / ((n - 1) * (n - 2))
-    value -= 2.0 / (n - 2) * (rows1 @ rows2.T)
+    """Unbiased HSIC(K_i, L_j) [L1, L2] from _song_terms of both sides (both full or both lower): one float64
+    matrix product for tr(K~L~)."""
+    value = terms1.flat @ terms2.flat.T
+    if terms1.lower:
+        value *= 2.0
+    value += torch.outer(terms1.total, terms2.total) / ((n - 1) * (n - 2))
+    value -= 2.0 / (n - 2) * (terms1.rows @ terms2.rows.T)
     return value / (n * (n - 3))
 
 
 def _hsic_in_place(
-    grams1: torch.Tensor, grams2: torch.Tensor
+    grams1: torch.Tensor, grams2: torch.Tensor, lower: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """unbiased_hsic_matrix on float64 Grams that the caller gives up (their diagonals are zeroed); `grams2 is
-    grams1` computes the shared terms once and takes HSIC(K, K) from the cross matrix's diagonal."""
+    """unbiased_hsic_matrix on float64 Grams that the caller gives up (their diagonals are zeroed; `lower`: both
+    stacks hold lower triangles only); `grams2 is grams1` computes the shared terms once and takes HSIC(K, K)
+    from the cross matrix's diagonal."""
     n = grams1.shape[-1]
     if n < MIN_BATCH or grams2.shape[-1] != n:
         raise UserError(
             f"unbiased HSIC needs equal batch sizes >= {MIN_BATCH}, got {n} and {grams2.shape[-1]}"
         )
-    terms1 = _song_terms(grams1)
+    terms1 = _song_terms(grams1, lower)
     if grams2 is grams1:
         xy = _song_cross(terms1, terms1, n)
         return xy, xy.diagonal().clone(), xy.diagonal().clone()
-    terms2 = _song_terms(grams2)
+    terms2 = _song_terms(grams2, lower)
     return _song_cross(terms1, terms2, n), _song_self(terms1, n), _song_self(terms2, n)
 
 
@@ -456,7 +464,8 @@ def _output_tensor(name: str, output: Any) -> torch.Tensor:
 class _LayerCapture:
     """Forward hooks on one model's layers. Each hooked output is centered into a reused buffer when its module
     returns (so later in-place ops, ReLU(inplace=True) or `out += identity`, cannot change it, and activations are
-    not kept) and its Gram is written straight into this batch's float64 stack [L, n, n].
+    not kept) and the lower triangle of its Gram (a symmetric rank-k update, gram.lower_gram) is written straight
+    into this batch's float64 stack [L, n, n].
 
     A module run several times in one forward pass contributes its last call (as torch-cka does): the first batch
     takes a Gram at every call (the last one stays) and counts the calls; later batches skip the calls before the
@@ -470,7 +479,9 @@ class _LayerCapture:
         self.active = False
         self.n = 0
         self.grams = torch.empty(0)
-        self.offsets: list[torch.Tensor | None] = []
+        self.stacks: dict[torch.dtype, torch.Tensor] = {}  # zero-filled [L, n, n] per output dtype: lower_gram's
+        self.dtypes: list[torch.dtype | None] = []  # the stack that holds each layer's Gram in this batch
+        self.centered: dict[int, torch.Tensor | None] = {}  # layers centered by the mean in a second pass: n|mean|^2
         self.calls: dict[str, int] = {}
         self.wrong: dict[str, tuple[int, ...]] = {}
         self.expected: dict[str, int] | None = None  # calls per forward pass of each module, from batch 1
@@ -487,13 +498,32 @@ class _LayerCapture:
             handle.remove()
         self._handles = []
 
-    def _buffer(self, key: Any, x: torch.Tensor) -> torch.Tensor:
-        """A reused [n, d] buffer for the centered copy of x (flattened), allocated on first use per key (a
-        fresh copy per layer and batch would page-fault its memory in every time)."""
+    def _buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """A reused [n, d] buffer for the shifted copy of x, one per shape and dtype, shared by the layers of that
+        shape (each Gram is taken at once; a fresh copy per layer and batch would page-fault its memory in)."""
+        key = (x.shape, x.dtype, x.device)
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device:
+        if buf is None:
             buf = self._buffers[key] = torch.empty_like(x)
         return buf
+
+    def _slot(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's [n, n] place in the zero-filled Gram stack of x's dtype (made on first use per batch size)."""
+        stack = self.stacks.get(x.dtype)
+        if stack is None or stack.device != x.device:
+            shape = (len(self.layers), self.n, self.n)
+            stack = self.stacks[x.dtype] = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        self.dtypes[i] = x.dtype
+        return stack[i]
+
+    def _rows_not_first(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 1]: 0 for the first row, 1 for the others (cached per batch size, dtype and device)."""
+        key = ("rows", self.n, x.dtype, x.device)
+        weights = self._buffers.get(key)
+        if weights is None:
+            weights = self._buffers[key] = torch.ones(self.n, 1, dtype=x.dtype, device=x.device)
+            weights[0] = 0.0
+        return weights
 
     def _hook(self, name: str):
         i = self.index[name]
@@ -508,13 +538,18 @@ class _LayerCapture:
             if x.shape[0] != self.n:
                 self.wrong[name] = tuple(x.shape)
                 return
-            x = x.reshape(self.n, -1)
-            x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            # one buffer per shape, shared by all layers of that shape: each Gram is taken at once. Few ops per
-            # hook (a gemv over SHIFT_ROWS rows, one subtraction, one product, one copy): every op costs
-            xc, offset = _center(x, out=self._buffer((x.shape, x.dtype), x), rows=SHIFT_ROWS)
-            self.offsets[i] = offset
-            self.grams[i].copy_(xc @ xc.T)
+            x = _as_matrix(x)
+            if self.centered:  # a second pass of this batch (see run): only the layers to center by the mean
+                if i in self.centered:
+                    xc, self.centered[i] = _center(x)
+                    lower_gram(xc, self._slot(i, xc))
+                return
+            # Rows 1.. are shifted by row 0 (x_i - x_0), which removes the common offset that would make a float32
+            # Gram inexact (the unbiased HSIC is invariant to any shift); row 0 itself stays, so that the Gram's
+            # corner is |x_0|^2 for finish()'s constant test, and finish() zeroes its row and column (the shifted
+            # row 0 is 0). Two ops per hook, one elementwise pass and one syrk: each op costs ~20-50 us here.
+            shifted = torch.addcmul(x, self._rows_not_first(x), x[0], value=-1.0, out=self._buffer(x))
+            lower_gram(shifted, self._slot(i, x))
 
         return hook
 
@@ -527,18 +562,35 @@ class _LayerCapture:
             return pooled
         return output
 
-    def start(self, n: int) -> None:
-        """Prepare for one batch of n examples (the float64 Gram stack is reused while n stays the same)."""
+    def run(self, x: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch through the model: its Grams and keep mask (see finish), with the layers whose first row lay
+        far from the others (FIRST_ROW_SPREAD_MAX) taken again, centered by the mean, in a second forward pass."""
+        self.start(x.shape[0])
+        self.model(x)
+        grams, keep, outlying = self.finish(which)
+        if outlying:
+            self.start(x.shape[0], centered=outlying)
+            self.model(x)
+            grams, keep, _ = self.finish(which)
+        return grams, keep
+
+    def start(self, n: int, centered: Sequence[int] = ()) -> None:
+        """Prepare for one batch of n examples (the float64 Gram stack is reused while n stays the same), or for
+        its second pass that centers the `centered` layers by the mean and keeps the others' Grams."""
         if self.grams.shape != (len(self.layers), n, n):
             self.grams = torch.empty(len(self.layers), n, n, dtype=torch.float64, device=self.store)
-        self.offsets = [None] * len(self.layers)
+            self.stacks = {}
+        if not centered:
+            self.dtypes = [None] * len(self.layers)
+        self.centered = dict.fromkeys(centered)
         self.n, self.calls, self.wrong = n, {}, {}
         self.active = True
 
-    def finish(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """This batch's Grams [L, n, n] (float64, in layer order) and a keep mask [L] that is False for layers
-        constant within float32 resolution (their HSIC terms are set to exactly 0); learn which modules run more
-        than once."""
+    def finish(self, which: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """This batch's Grams [L, n, n] (float64, in layer order, lower triangles: zero above the diagonal, see
+        gram.lower_gram), a keep mask [L] that is False for layers constant within float32 resolution (their
+        HSIC terms are set to exactly 0) and the layers to center by the mean in a second pass (see run); learn
+        which modules run more than once."""
         self.active = False
         missing = [name for name in self.layers if name not in self.calls]
         if missing:
@@ -566,9 +618,26 @@ class _LayerCapture:
                 f"{which}: modules ran fewer times in this batch than in the first ({fewer} vs "
                 f"{ {k: self.expected[k] for k in fewer} }): their last call cannot be told in advance"
             )
+        for dtype, stack in self.stacks.items():
+            rows = [i for i, d in enumerate(self.dtypes) if d == dtype]
+            if len(rows) == len(self.layers):
+                self.grams.copy_(stack)
+            elif rows:
+                index = torch.tensor(rows, device=stack.device)
+                self.grams.index_copy_(0, index.to(self.store), stack[index].to(self.store, torch.float64))
+        offsets = self.grams[:, 0, 0] * self.n  # n |x_0|^2 (see the hook)
+        if self.centered:
+            index = list(self.centered)
+            offsets[index] = torch.stack([self.centered[i] for i in index]).to(self.store, torch.float64)
+            self.grams[[i for i in range(len(self.layers)) if i not in self.centered], :, 0] = 0.0
+        else:
+            self.grams[:, :, 0] = 0.0  # the shifted first row is 0
         spread = self.grams.diagonal(dim1=-2, dim2=-1).sum(-1)
-        offsets = torch.stack([o.to(self.store, torch.float64) for o in self.offsets])
-        return self.grams, ~_is_constant(spread, offsets)
+        keep = ~_is_constant(spread, offsets)
+        total = 2.0 * self.grams.sum((-2, -1)) - spread  # 1'G1 of the symmetric Gram
+        outlying = keep & (spread > FIRST_ROW_SPREAD_MAX * (spread - total / self.n))
+        outlying[list(self.centered)] = False
+        return self.grams, keep, outlying.nonzero().flatten().tolist()
 
 
 def _batch_input(batch: Any, which: str) -> torch.Tensor:
@@ -595,8 +664,9 @@ def _dataset_name(loader: Any) -> str:
 def _masked_hsic(
     grams1: torch.Tensor, keep1: torch.Tensor, grams2: torch.Tensor, keep2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch's HSIC matrices from owned float64 Grams, with constant layers' terms exactly 0."""
-    xy, xx, yy = _hsic_in_place(grams1, grams2)
+    """One batch's HSIC matrices from owned float64 lower-triangular Grams (as _LayerCapture.finish returns them),
+    with constant layers' terms exactly 0."""
+    xy, xx, yy = _hsic_in_place(grams1, grams2, lower=True)
     k1, k2 = keep1.to(xy.dtype), keep2.to(xy.dtype)
     return xy * k1[:, None] * k2[None, :], xx * k1, yy * k2
 
@@ -686,21 +756,14 @@ class CKA:
                         )
                     x1 = x1.to(self.device)
                     if one_pass:
-                        shared.start(n)
-                        self.model1(x1)
-                        grams, keep = shared.finish("model1")
+                        grams, keep = shared.run(x1, "model1")
                         if identical:
                             acc.add(*_masked_hsic(grams, keep, grams, keep), n)
                         else:
                             acc.add(*_masked_hsic(grams[pick1], keep[pick1], grams[pick2], keep[pick2]), n)
                         continue
-                    cap1.start(n)
-                    self.model1(x1)
-                    cap1.active = False
-                    cap2.start(n)
-                    self.model2(x1 if same_data else x2.to(self.device))
-                    g1, keep1 = cap1.finish("model1")
-                    g2, keep2 = cap2.finish("model2")
+                    g1, keep1 = cap1.run(x1, "model1")
+                    g2, keep2 = cap2.run(x1 if same_data else x2.to(self.device), "model2")
                     acc.add(*_masked_hsic(g1, keep1, g2, keep2), n)
         finally:
             for cap in captures:

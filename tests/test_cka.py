@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from featrec_grid.cka import (
     CKA,
-    SHIFT_ROWS,
     CKAWarning,
     HSICAccumulator,
+    _hsic_in_place,
     centered_gram,
     kernel_cka,
     linear_cka,
@@ -193,12 +193,15 @@ def test_all_pairs_unbiased_hsic_equals_per_pair_direct():
     f2 = [rng.normal(size=(9, d)) for d in (1, 4, 50)]
     g1 = torch.tensor(np.stack([f @ f.T for f in f1]))
     g2 = torch.tensor(np.stack([f @ f.T for f in f2]))
-    xy, xx, yy = unbiased_hsic_matrix(g1, g2)
-    np.testing.assert_allclose(
-        xy.numpy(), [[song_hsic(a, b) for b in g2.numpy()] for a in g1.numpy()], rtol=1e-10
+    expected = (
+        [[song_hsic(a, b) for b in g2.numpy()] for a in g1.numpy()],
+        [song_hsic(a, a) for a in g1.numpy()],
+        [song_hsic(b, b) for b in g2.numpy()],
     )
-    np.testing.assert_allclose(xx.numpy(), [song_hsic(a, a) for a in g1.numpy()], rtol=1e-10)
-    np.testing.assert_allclose(yy.numpy(), [song_hsic(b, b) for b in g2.numpy()], rtol=1e-10)
+    # from full Grams, and from their lower triangles only (zero above the diagonal), as compare() holds them
+    for got in (unbiased_hsic_matrix(g1, g2), _hsic_in_place(g1.tril(), g2.tril(), lower=True)):
+        for value, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(value.numpy(), want, rtol=1e-10)
 
 
 def test_minibatch_accumulation_matches_direct_per_batch_hsic():
@@ -299,20 +302,24 @@ class Offset(nn.Module):
         return x + self.value
 
 
-@pytest.mark.parametrize("leading_outliers", [False, True])
-def test_a_large_common_offset_keeps_compare_exact(leading_outliers):
-    """compare() shifts each layer by the mean of a batch's first SHIFT_ROWS examples; with outputs at 100 +- 0.3
-    an unshifted float32 Gram loses the HSIC, and outlying leading rows only widen the spread around the shift."""
+@pytest.mark.parametrize("first_outlier", [False, True])
+def test_a_large_common_offset_keeps_compare_exact(first_outlier):
+    """compare() shifts each layer's rows by the batch's first row; with outputs at 100 +- 0.3 an unshifted
+    float32 Gram loses the HSIC, and an outlying first row (FIRST_ROW_SPREAD_MAX) is centered by the mean."""
     torch.manual_seed(0)
     m1 = nn.Sequential(nn.Conv2d(3, 4, 3), Offset(100.0), nn.Flatten(), nn.Linear(4 * 36, 6))
     m2 = nn.Sequential(nn.Conv2d(3, 5, 3), Offset(-200.0), nn.Flatten(), nn.Linear(5 * 36, 7))
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    if leading_outliers:
-        x[:SHIFT_ROWS] += 5.0
+    if first_outlier:
+        x[[0, 32]] += 5.0  # the first row of each batch
     dl = DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=32, shuffle=False)
     layers1, layers2 = ["1", "3"], ["1", "3"]
+    passes = []
+    m2.register_forward_pre_hook(lambda *_: passes.append(1))
     cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
     cka.compare(dl)
+    # an outlying first row makes compare() take model 2's layers again, centered by the mean (one more pass)
+    assert len(passes) == (4 if first_outlier else 2)
     expected = direct_minibatch_cka(m1, m2, layers1, layers2, inputs(dl), inputs(dl), center=True)
     assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
     # the same estimator on unshifted float32 Grams is visibly wrong here: the shift is what keeps it exact
