@@ -462,10 +462,10 @@ def _output_tensor(name: str, output: Any) -> torch.Tensor:
 
 
 class _LayerCapture:
-    """Forward hooks on one model's layers. Each hooked output is centered into a reused buffer when its module
-    returns (so later in-place ops, ReLU(inplace=True) or `out += identity`, cannot change it, and activations are
-    not kept) and the lower triangle of its Gram (a symmetric rank-k update, gram.lower_gram) is written straight
-    into this batch's float64 stack [L, n, n].
+    """Forward hooks on one model's layers. Each hooked output is shifted by its first row into a reused buffer
+    when its module returns (so later in-place ops, ReLU(inplace=True) or `out += identity`, cannot change it, and
+    activations are not kept) and the lower triangle of its Gram (a symmetric rank-k update, gram.lower_gram) is
+    written into this batch's stack [L, n, n]; finish() gathers the stacks in float64.
 
     A module run several times in one forward pass contributes its last call (as torch-cka does): the first batch
     takes a Gram at every call (the last one stays) and counts the calls; later batches skip the calls before the

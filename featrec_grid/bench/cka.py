@@ -68,9 +68,10 @@ def _forward_seconds(
     layers2: Sequence[str] = (),
 ) -> float:
     """Both models' forward passes over the loader under inference mode (inputs moved to `device`): bare without
-    layers; with layers, the floor: plus one float32 Gram X X^T per named layer and batch (of the output kept by
-    reference, as pytorch-cka does) and nothing else, the Gram work of any Gram-based CKA without the centering
-    that keeps ours exact or any HSIC."""
+    layers; with layers, the sgemm floor: plus one float32 Gram X X^T per named layer and batch (of the output kept
+    by reference) and nothing else, the work pytorch-cka does. Ours can go below it: its Grams are symmetric
+    rank-k updates (gram.lower_gram, half the multiply-adds), against the shift and float64 HSIC that keep it
+    exact."""
     kept: dict[str, torch.Tensor] = {}
     handles = [
         dict(m.named_modules())[name].register_forward_hook(
@@ -345,7 +346,7 @@ def run_cka_bench(
     """Run the named cases (see CASES) on `device` ("cpu", "cuda", "cuda:1", ...); returns times, max errors
     against the float64 reference and ratios to the bare forward passes, for ours and each installed peer.
 
-    The bare forward passes, the Gram-only floor (_forward_seconds with layers), ours and pytorch-cka run `repeats` times,
+    The bare forward passes, the sgemm floor (_forward_seconds with layers), ours and pytorch-cka run `repeats` times,
     interleaved, and the best time of each counts (targets are judged on these); the median over rounds of each
     round's own ratios is reported beside them; torch-cka (slow) and ckatorch run once. The load average before
     and after is recorded: other processes on the machine inflate every time, so read the ratios with it."""
@@ -384,7 +385,7 @@ def run_cka_bench(
 
 
 LABELS = {
-    "floor": "floor: forward + float32 Grams only",
+    "floor": "sgemm floor: forward + one float32 X X^T per layer",
     "ours": "featrec_grid CKA",
     "pytorch_cka": "pytorch-cka compute_cka",
     "torch_cka": "torch-cka compare",
