@@ -61,7 +61,7 @@ def lower_gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"lower_gram: out must be [{n}, {n}] {x.dtype} on {x.device}, got {tuple(out.shape)} "
                          f"{out.dtype} on {out.device}")  # fmt: skip
     syrk = _syrk(x.dtype) if x.device.type == "cpu" and x.dtype in _ROUTINES else None
-    if syrk is not None and x.is_contiguous() and out.is_contiguous():
+    if syrk is not None and 0 < d < 2**31 and x.is_contiguous() and out.is_contiguous():  # BLAS needs lda >= 1
         syrk(x, out)
     else:
         torch.tril(x @ x.T, out=out)

@@ -42,6 +42,11 @@ def test_mkl_syrk_is_found_and_leaves_the_upper_triangle_alone():
     assert (out[~lower] == -1.0).all()
 
 
+def test_no_features_give_a_zero_gram():
+    out = torch.zeros(4, 4)
+    assert not lower_gram(torch.ones(4, 0), out).any()
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("FEATREC_GRID_SYRK", "0")
     assert gram._bind(torch.float32) is None
