@@ -189,57 +189,62 @@ def centered_gram(x: torch.Tensor) -> torch.Tensor:
 class SongTerms(NamedTuple):
     """Everything the unbiased HSIC of every layer pair needs from one side's Grams [L, n, n]."""
 
-    flat: torch.Tensor  # K~ (diagonal zeroed) flattened, [L, n*n]; only its strict lower triangle when `lower`
+    flat: torch.Tensor  # K~ (diagonal zeroed) flattened [L, n*n], or only its lower triangle when `half`
     rows: torch.Tensor  # row sums of K~ [L, n]
     total: torch.Tensor  # 1'K~1 [L]
-    lower: bool  # tr(K~L~) = 2 sum of the strict lower triangles' products
+    half: bool  # flat holds each off-diagonal entry once (zero above the diagonal): tr(K~L~) = 2 flat_K . flat_L
+
+    def pick(self, index: torch.Tensor) -> SongTerms:
+        """The terms of the layers in `index`, in that order."""
+        return SongTerms(self.flat[index], self.rows[index], self.total[index], self.half)
 
 
-def _song_terms(grams: torch.Tensor, lower: bool = False) -> SongTerms:
-    """Zero, in place, the diagonals of float64 Grams [L, n, n] (full, or `lower`: zero above the diagonal, as
-    gram.lower_gram writes them) and return their SongTerms."""
+def _song_terms(grams: torch.Tensor) -> SongTerms:
+    """Zero, in place, the diagonals of full float64 Grams [L, n, n] and return their SongTerms."""
     grams.diagonal(dim1=-2, dim2=-1).zero_()
     rows = grams.sum(-1)
-    if lower:
-        rows += grams.sum(-2)
-    return SongTerms(grams.reshape(grams.shape[0], -1), rows, rows.sum(-1), lower)
+    return SongTerms(grams.reshape(grams.shape[0], -1), rows, rows.sum(-1), False)
 
 
 def _song_self(terms: SongTerms, n: int) -> torch.Tensor:
-    """Unbiased HSIC(K, K) [L] from _song_terms."""
-    value = torch.linalg.vector_norm(terms.flat, dim=1).square() * (2.0 if terms.lower else 1.0)
+    """Unbiased HSIC(K, K) [L] from SongTerms."""
+    value = torch.linalg.vector_norm(terms.flat, dim=1).square() * (2.0 if terms.half else 1.0)
     value += terms.total.square() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * terms.rows.square().sum(-1)
     return value / (n * (n - 3))
 
 
 def _song_cross(terms1: SongTerms, terms2: SongTerms, n: int) -> torch.Tensor:
-    """Unbiased HSIC(K_i, L_j) [L1, L2] from _song_terms of both sides (both full or both lower): one float64
+    """Unbiased HSIC(K_i, L_j) [L1, L2] from SongTerms of both sides (both full or both half): one float64
     matrix product for tr(K~L~)."""
     value = terms1.flat @ terms2.flat.T
-    if terms1.lower:
+    if terms1.half:
         value *= 2.0
     value += torch.outer(terms1.total, terms2.total) / ((n - 1) * (n - 2))
     value -= 2.0 / (n - 2) * (terms1.rows @ terms2.rows.T)
     return value / (n * (n - 3))
 
 
-def _hsic_in_place(
-    grams1: torch.Tensor, grams2: torch.Tensor, lower: bool = False
+def _hsic_from_terms(
+    terms1: SongTerms, terms2: SongTerms, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """unbiased_hsic_matrix on float64 Grams that the caller gives up (their diagonals are zeroed; `lower`: both
-    stacks hold lower triangles only); `grams2 is grams1` computes the shared terms once and takes HSIC(K, K)
-    from the cross matrix's diagonal."""
+    """(HSIC(K_i, L_j), HSIC(K_i, K_i), HSIC(L_j, L_j)) from SongTerms; `terms2 is terms1` takes HSIC(K, K) from
+    the cross matrix's diagonal."""
+    if terms2 is terms1:
+        xy = _song_cross(terms1, terms1, n)
+        return xy, xy.diagonal().clone(), xy.diagonal().clone()
+    return _song_cross(terms1, terms2, n), _song_self(terms1, n), _song_self(terms2, n)
+
+
+def _hsic_in_place(grams1: torch.Tensor, grams2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """unbiased_hsic_matrix on full float64 Grams that the caller gives up (their diagonals are zeroed);
+    `grams2 is grams1` computes the shared terms once."""
     n = grams1.shape[-1]
     if n < MIN_BATCH or grams2.shape[-1] != n:
         raise UserError(
             f"unbiased HSIC needs equal batch sizes >= {MIN_BATCH}, got {n} and {grams2.shape[-1]}"
         )
-    terms1 = _song_terms(grams1, lower)
-    if grams2 is grams1:
-        xy = _song_cross(terms1, terms1, n)
-        return xy, xy.diagonal().clone(), xy.diagonal().clone()
-    terms2 = _song_terms(grams2, lower)
-    return _song_cross(terms1, terms2, n), _song_self(terms1, n), _song_self(terms2, n)
+    terms1 = _song_terms(grams1)
+    return _hsic_from_terms(terms1, terms1 if grams2 is grams1 else _song_terms(grams2), n)
 
 
 def unbiased_hsic_matrix(
@@ -465,7 +470,7 @@ class _LayerCapture:
     """Forward hooks on one model's layers. Each hooked output is shifted by its first row into a reused buffer
     when its module returns (so later in-place ops, ReLU(inplace=True) or `out += identity`, cannot change it, and
     activations are not kept) and the lower triangle of its Gram (a symmetric rank-k update, gram.lower_gram) is
-    written into this batch's stack [L, n, n]; finish() gathers the stacks in float64.
+    written into this batch's stack [L, n, n]; finish() reads the stacks into float64 SongTerms.
 
     A module run several times in one forward pass contributes its last call (as torch-cka does): the first batch
     takes a Gram at every call (the last one stays) and counts the calls; later batches skip the calls before the
@@ -478,7 +483,10 @@ class _LayerCapture:
         self.index = {name: i for i, name in enumerate(layers)}
         self.active = False
         self.n = 0
-        self.grams = torch.empty(0)
+        self.grams = torch.empty(0)  # this batch's Grams in float64, lower triangles [L, n, n], and their row sums
+        self.rows = torch.empty(0)
+        self.spread = torch.empty(0)  # trace of each centered or shifted Gram [L]
+        self.offsets = torch.empty(0)  # n |c|^2 of its shift c [L]
         self.stacks: dict[torch.dtype, torch.Tensor] = {}  # zero-filled [L, n, n] per output dtype: lower_gram's
         self.dtypes: list[torch.dtype | None] = []  # the stack that holds each layer's Gram in this batch
         self.centered: dict[int, torch.Tensor | None] = {}  # layers centered by the mean in a second pass: n|mean|^2
@@ -562,23 +570,26 @@ class _LayerCapture:
             return pooled
         return output
 
-    def run(self, x: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch through the model: its Grams and keep mask (see finish), with the layers whose first row lay
-        far from the others (FIRST_ROW_SPREAD_MAX) taken again, centered by the mean, in a second forward pass."""
+    def run(self, x: torch.Tensor, which: str) -> tuple[SongTerms, torch.Tensor]:
+        """One batch through the model: its SongTerms and keep mask (see finish), with the layers whose first row
+        lay far from the others (FIRST_ROW_SPREAD_MAX) taken again, centered by the mean, in a second forward pass."""
         self.start(x.shape[0])
         self.model(x)
-        grams, keep, outlying = self.finish(which)
+        terms, keep, outlying = self.finish(which)
         if outlying:
             self.start(x.shape[0], centered=outlying)
             self.model(x)
-            grams, keep, _ = self.finish(which)
-        return grams, keep
+            terms, keep, _ = self.finish(which)
+        return terms, keep
 
     def start(self, n: int, centered: Sequence[int] = ()) -> None:
-        """Prepare for one batch of n examples (the float64 Gram stack is reused while n stays the same), or for
-        its second pass that centers the `centered` layers by the mean and keeps the others' Grams."""
-        if self.grams.shape != (len(self.layers), n, n):
-            self.grams = torch.empty(len(self.layers), n, n, dtype=torch.float64, device=self.store)
+        """Prepare for one batch of n examples (the buffers are reused while n stays the same), or for its second
+        pass that centers the `centered` layers by the mean and keeps the others' terms."""
+        count = len(self.layers)
+        if self.grams.shape != (count, n, n):
+            f64 = {"dtype": torch.float64, "device": self.store}
+            self.grams, self.rows = torch.empty(count, n, n, **f64), torch.empty(count, n, **f64)
+            self.spread, self.offsets = torch.empty(count, **f64), torch.empty(count, **f64)
             self.stacks = {}
         if not centered:
             self.dtypes = [None] * len(self.layers)
@@ -586,11 +597,10 @@ class _LayerCapture:
         self.n, self.calls, self.wrong = n, {}, {}
         self.active = True
 
-    def finish(self, which: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """This batch's Grams [L, n, n] (float64, in layer order, lower triangles: zero above the diagonal, see
-        gram.lower_gram), a keep mask [L] that is False for layers constant within float32 resolution (their
-        HSIC terms are set to exactly 0) and the layers to center by the mean in a second pass (see run); learn
-        which modules run more than once."""
+    def finish(self, which: str) -> tuple[SongTerms, torch.Tensor, list[int]]:
+        """This batch's SongTerms (float64, in layer order, from lower triangles: see gram.lower_gram), a keep mask [L]
+        that is False for layers constant within float32 resolution (their HSIC terms are set to exactly 0) and the
+        layers to center by the mean in a second pass (see run); learn which modules run more than once."""
         self.active = False
         missing = [name for name in self.layers if name not in self.calls]
         if missing:
@@ -618,26 +628,41 @@ class _LayerCapture:
                 f"{which}: modules ran fewer times in this batch than in the first ({fewer} vs "
                 f"{ {k: self.expected[k] for k in fewer} }): their last call cannot be told in advance"
             )
+        first = not self.centered
         for dtype, stack in self.stacks.items():
-            rows = [i for i, d in enumerate(self.dtypes) if d == dtype]
-            if len(rows) == len(self.layers):
-                self.grams.copy_(stack)
-            elif rows:
-                index = torch.tensor(rows, device=stack.device)
-                self.grams.index_copy_(0, index.to(self.store), stack[index].to(self.store, torch.float64))
-        offsets = self.grams[:, 0, 0] * self.n  # n |x_0|^2 (see the hook)
-        if self.centered:
-            index = list(self.centered)
-            offsets[index] = torch.stack([self.centered[i] for i in index]).to(self.store, torch.float64)
-            self.grams[[i for i in range(len(self.layers)) if i not in self.centered], :, 0] = 0.0
+            index = [i for i in (range(len(self.layers)) if first else self.centered) if self.dtypes[i] == dtype]
+            if index:
+                self._take(stack, index, first)
+        keep = ~_is_constant(self.spread, self.offsets)
+        total = self.rows.sum(-1)  # 1'K~1, K~ the Gram with its diagonal zeroed
+        terms = SongTerms(self.grams.reshape(len(self.layers), -1), self.rows, total, True)
+        if not first:
+            return terms, keep, []
+        outlying = keep & (self.spread > FIRST_ROW_SPREAD_MAX * (self.spread - (total + self.spread) / self.n))
+        return terms, keep, outlying.nonzero().flatten().tolist()
+
+    def _take(self, stack: torch.Tensor, index: list[int], shifted: bool) -> None:
+        """Read the Grams of layers `index` from one dtype's stack into this batch's float64 Grams, with their
+        trace and offset, then (diagonal zeroed, and the first row's column for the `shifted` first pass) their
+        row sums."""
+        if len(index) == len(self.layers):
+            grams = self.grams.copy_(stack)
         else:
-            self.grams[:, :, 0] = 0.0  # the shifted first row is 0
-        spread = self.grams.diagonal(dim1=-2, dim2=-1).sum(-1)
-        keep = ~_is_constant(spread, offsets)
-        total = 2.0 * self.grams.sum((-2, -1)) - spread  # 1'G1 of the symmetric Gram
-        outlying = keep & (spread > FIRST_ROW_SPREAD_MAX * (spread - total / self.n))
-        outlying[list(self.centered)] = False
-        return self.grams, keep, outlying.nonzero().flatten().tolist()
+            grams = stack[torch.tensor(index, device=stack.device)].to(self.store, torch.float64)
+        diagonal = grams.diagonal(dim1=-2, dim2=-1)
+        spread = diagonal.sum(-1)
+        if shifted:  # the corner is |x_0|^2 (see the hook); the shifted first row is 0
+            offsets, spread = grams[:, 0, 0] * self.n, spread - grams[:, 0, 0]
+            grams[:, :, 0] = 0.0
+        else:
+            offsets = torch.stack([self.centered[i] for i in index]).to(self.store, torch.float64)
+        diagonal.zero_()
+        rows = grams.sum(-1) + grams.sum(-2)
+        if grams is self.grams:
+            self.spread, self.offsets, self.rows = spread, offsets, rows
+            return
+        at = torch.tensor(index, device=self.store)
+        self.grams[at], self.spread[at], self.offsets[at], self.rows[at] = grams, spread, offsets, rows
 
 
 def _batch_input(batch: Any, which: str) -> torch.Tensor:
@@ -662,11 +687,11 @@ def _dataset_name(loader: Any) -> str:
 
 
 def _masked_hsic(
-    grams1: torch.Tensor, keep1: torch.Tensor, grams2: torch.Tensor, keep2: torch.Tensor
+    terms1: SongTerms, keep1: torch.Tensor, terms2: SongTerms, keep2: torch.Tensor, n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch's HSIC matrices from owned float64 lower-triangular Grams (as _LayerCapture.finish returns them),
-    with constant layers' terms exactly 0."""
-    xy, xx, yy = _hsic_in_place(grams1, grams2, lower=True)
+    """One batch's HSIC matrices from SongTerms (as _LayerCapture.finish returns them), with constant layers'
+    terms exactly 0."""
+    xy, xx, yy = _hsic_from_terms(terms1, terms2, n)
     k1, k2 = keep1.to(xy.dtype), keep2.to(xy.dtype)
     return xy * k1[:, None] * k2[None, :], xx * k1, yy * k2
 
@@ -756,15 +781,16 @@ class CKA:
                         )
                     x1 = x1.to(self.device)
                     if one_pass:
-                        grams, keep = shared.run(x1, "model1")
+                        terms, keep = shared.run(x1, "model1")
                         if identical:
-                            acc.add(*_masked_hsic(grams, keep, grams, keep), n)
+                            acc.add(*_masked_hsic(terms, keep, terms, keep, n), n)
                         else:
-                            acc.add(*_masked_hsic(grams[pick1], keep[pick1], grams[pick2], keep[pick2]), n)
+                            picked = terms.pick(pick1), keep[pick1], terms.pick(pick2), keep[pick2]
+                            acc.add(*_masked_hsic(*picked, n), n)
                         continue
-                    g1, keep1 = cap1.run(x1, "model1")
-                    g2, keep2 = cap2.run(x1 if same_data else x2.to(self.device), "model2")
-                    acc.add(*_masked_hsic(g1, keep1, g2, keep2), n)
+                    terms1, keep1 = cap1.run(x1, "model1")
+                    terms2, keep2 = cap2.run(x1 if same_data else x2.to(self.device), "model2")
+                    acc.add(*_masked_hsic(terms1, keep1, terms2, keep2, n), n)
         finally:
             for cap in captures:
                 cap.detach()
