@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from featrec_grid.gram import lower_gram
+
 CASES: dict[str, dict[str, Any]] = {
     "light": {
         "images": 640,
@@ -65,18 +67,28 @@ def _sync(device: torch.device) -> None:
 
 def _forward_seconds(
     m1: nn.Module, m2: nn.Module, loader: Any, device: torch.device, layers1: Sequence[str] = (),
-    layers2: Sequence[str] = (),
+    layers2: Sequence[str] = (), gram: str = "sgemm",
 ) -> float:
     """Both models' forward passes over the loader under inference mode (inputs moved to `device`): bare without
-    layers; with layers, the sgemm floor: plus one float32 Gram X X^T per named layer and batch (of the output kept
-    by reference) and nothing else, the work pytorch-cka does. Ours can go below it: its Grams are symmetric
-    rank-k updates (gram.lower_gram, half the multiply-adds), against the shift and float64 HSIC that keep it
-    exact."""
+    layers; with layers, a floor: plus one float32 Gram per named layer and batch and nothing else. `gram="sgemm"`:
+    X X^T of the output kept by reference, after the forward pass (pytorch-cka's work); "syrk": its lower triangle
+    (gram.lower_gram) when the module returns, into a reused buffer (the least a Gram-based CKA does here: ours'
+    Grams without the shift and the float64 HSIC that keep it exact)."""
     kept: dict[str, torch.Tensor] = {}
+    buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def syrk(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+        flat = out.reshape(out.shape[0], -1)
+        key = (flat.shape[0], flat.dtype)
+        if key not in buffers:
+            buffers[key] = flat.new_zeros(flat.shape[0], flat.shape[0])
+        lower_gram(flat, buffers[key])
+
+    def keep(name: str) -> Callable[..., None]:
+        return lambda _m, _i, out: kept.__setitem__(name, out)
+
     handles = [
-        dict(m.named_modules())[name].register_forward_hook(
-            lambda _m, _i, out, name=name: kept.__setitem__(name, out)
-        )
+        dict(m.named_modules())[name].register_forward_hook(keep(name) if gram == "sgemm" else syrk)
         for m, layers in ((m1, layers1), (m2, layers2))
         for name in layers
     ]
@@ -264,12 +276,14 @@ def _run_case(
     with torch.inference_mode():  # warm-up: allocator and oneDNN / cuDNN kernels
         m1(images[: spec["batch_size"]].to(device))
         m2(images[: spec["batch_size"]].to(device))
-    repeated = {"forward": [], "floor": [], "ours": []} | {p: [] for p in ("pytorch_cka",) if peers.get(p)}
+    repeated = {"forward": [], "floor": [], "syrk_floor": [], "ours": []}
+    repeated |= {p: [] for p in ("pytorch_cka",) if peers.get(p)}
     matrices: dict[str, torch.Tensor] = {}
     failures: dict[str, str] = {}
     for _ in range(repeats):  # interleaved, so that load from other processes hits all alike; best of each
         repeated["forward"].append(_forward_seconds(m1, m2, loader, device))
         repeated["floor"].append(_forward_seconds(m1, m2, loader, device, layers1, layers2))
+        repeated["syrk_floor"].append(_forward_seconds(m1, m2, loader, device, layers1, layers2, gram="syrk"))
         for key, runner in (("ours", _run_ours), ("pytorch_cka", _run_pytorch_cka)):
             if key in repeated:
                 seconds, matrix, failure = runner(m1, m2, layers1, layers2, loader, device)
@@ -346,7 +360,8 @@ def run_cka_bench(
     """Run the named cases (see CASES) on `device` ("cpu", "cuda", "cuda:1", ...); returns times, max errors
     against the float64 reference and ratios to the bare forward passes, for ours and each installed peer.
 
-    The bare forward passes, the sgemm floor (_forward_seconds with layers), ours and pytorch-cka run `repeats` times,
+    The bare forward passes, the sgemm and syrk floors (_forward_seconds with layers), ours and pytorch-cka run
+    `repeats` times,
     interleaved, and the best time of each counts (targets are judged on these); the median over rounds of each
     round's own ratios is reported beside them; torch-cka (slow) and ckatorch run once. The load average before
     and after is recorded: other processes on the machine inflate every time, so read the ratios with it."""
@@ -386,6 +401,7 @@ def run_cka_bench(
 
 LABELS = {
     "floor": "sgemm floor: forward + one float32 X X^T per layer",
+    "syrk_floor": "syrk floor: forward + one syrk Gram per layer",
     "ours": "featrec_grid CKA",
     "pytorch_cka": "pytorch-cka compute_cka",
     "torch_cka": "torch-cka compare",
@@ -401,22 +417,23 @@ def format_cka_bench(result: dict[str, Any]) -> str:
         f"device {result['device']}, {result['threads']} threads; {versions}",
         f"reference: {result['reference']}",
         f"load average (1 min) before {result['load_average_before']:.1f}, after {result['load_average_after']:.1f} "
-        f"on {result['cpus']} CPUs; best of interleaved runs for forward, floor, ours and pytorch-cka (in brackets: "
+        f"on {result['cpus']} CPUs; best of interleaved runs for forward, floors, ours and pytorch-cka (in brackets: "
         "median over rounds of each round's ratio); the others once",
     ]
     if "peers_note" in result:
         lines.append(result["peers_note"])
+    width = max(len(label) for label in LABELS.values())
     for name, case in result["cases"].items():
         s, e, r = case["seconds"], case["max_error"], case["ratios"]
         lines.append(
             f"\n[{name}] {case['images']} images, batch {case['batch_size']}, {case['what']} "
             f"({case['layers'][0]} x {case['layers'][1]})"
         )
-        lines.append(f"  {'bare forward passes (both models)':36s} {s['forward']:8.2f} s")
+        lines.append(f"  {'bare forward passes (both models)':{width}s} {s['forward']:8.2f} s")
         for key, label in LABELS.items():
             if key not in s:
                 continue
-            line = f"  {label:36s} {s[key]:8.2f} s  {r[f'{key}_over_forward']:6.2f}x forward"
+            line = f"  {label:{width}s} {s[key]:8.2f} s  {r[f'{key}_over_forward']:6.2f}x forward"
             paired = case["paired_median_ratios"].get(f"{key}_over_forward")
             line += f" [{paired:.2f}x]" if paired is not None else " " * 8
             if key in e:
@@ -424,7 +441,7 @@ def format_cka_bench(result: dict[str, Any]) -> str:
             if key in case["failures"]:
                 line += f"  FAILED: {case['failures'][key]}"
             lines.append(line)
-        lines.append(f"  {'float64 reference':36s} {s['reference']:8.2f} s")
+        lines.append(f"  {'float64 reference':{width}s} {s['reference']:8.2f} s")
         changed = case["inplace_changed_layers"]
         if any(changed):
             lines.append(
