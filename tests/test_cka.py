@@ -299,6 +299,18 @@ class Offset(nn.Module):
         return x + self.value
 
 
+def error_and_passes(m1, m2, layers1, layers2, x, batch, counted) -> tuple[float, int, DataLoader]:
+    """compare() on x in batches: (max error against direct_minibatch_cka, forward passes of `counted`, loader)."""
+    dl = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=batch, shuffle=False)
+    passes = []
+    handle = counted.register_forward_pre_hook(lambda *_: passes.append(1))
+    cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
+    cka.compare(dl)
+    handle.remove()
+    expected = direct_minibatch_cka(m1, m2, layers1, layers2, inputs(dl), inputs(dl), center=True)
+    return float(np.abs(cka.export()["CKA"].numpy() - expected).max()), len(passes), dl
+
+
 @pytest.mark.parametrize("first_outlier", [False, True])
 def test_a_large_common_offset_keeps_compare_exact(first_outlier):
     """compare() shifts each layer's rows by the batch's first row; with outputs at 100 +- 0.3 an unshifted
@@ -309,16 +321,11 @@ def test_a_large_common_offset_keeps_compare_exact(first_outlier):
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     if first_outlier:
         x[[0, 32]] += 5.0  # the first row of each batch
-    dl = DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=32, shuffle=False)
     layers1, layers2 = ["1", "3"], ["1", "3"]
-    passes = []
-    m2.register_forward_pre_hook(lambda *_: passes.append(1))
-    cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
-    cka.compare(dl)
+    error, passes, dl = error_and_passes(m1, m2, layers1, layers2, x, batch=32, counted=m2)
     # an outlying first row makes compare() take model 2's layers again, centered by the mean (one more pass)
-    assert len(passes) == (4 if first_outlier else 2)
-    expected = direct_minibatch_cka(m1, m2, layers1, layers2, inputs(dl), inputs(dl), center=True)
-    assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
+    assert passes == (4 if first_outlier else 2)
+    assert error <= 1e-6
     # the same estimator on unshifted float32 Grams is visibly wrong here: the shift is what keeps it exact
     first = inputs(dl)[:1]
     exact = direct_minibatch_cka(m1, m2, ["1"], ["1"], first, first, center=True)[0, 0]
@@ -346,15 +353,9 @@ def test_a_second_pass_for_some_layers_of_mixed_dtypes():
     m2 = nn.Sequential(nn.Flatten(), nn.Linear(48, 7), nn.Tanh())
     x = torch.randn(48, 3, 4, 4, generator=torch.Generator().manual_seed(4))
     x[[0, 24]] += 40.0  # the first row of each batch
-    dl = DataLoader(TensorDataset(x, torch.zeros(48)), batch_size=24, shuffle=False)
-    layers1, layers2 = ["1", "2"], ["1", "2"]
-    passes = []
-    m1.register_forward_pre_hook(lambda *_: passes.append(1))
-    cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
-    cka.compare(dl)
-    assert len(passes) == 4  # two batches, each taken again for layer "1"
-    expected = direct_minibatch_cka(m1, m2, layers1, layers2, inputs(dl), inputs(dl), center=True)
-    assert np.abs(cka.export()["CKA"].numpy() - expected).max() <= 1e-6
+    error, passes, _ = error_and_passes(m1, m2, ["1", "2"], ["1", "2"], x, batch=24, counted=m1)
+    assert passes == 4  # two batches, each taken again for layer "1"
+    assert error <= 1e-6
 
 
 def test_same_model_object_twice_and_second_loader():
