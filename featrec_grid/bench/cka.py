@@ -361,8 +361,7 @@ def run_cka_bench(
     against the float64 reference and ratios to the bare forward passes, for ours and each installed peer.
 
     The bare forward passes, the sgemm and syrk floors (_forward_seconds with layers), ours and pytorch-cka run
-    `repeats` times,
-    interleaved, and the best time of each counts (targets are judged on these); the median over rounds of each
+    `repeats` times, interleaved, and the best time of each counts (targets are judged on these); the median over rounds of each
     round's own ratios is reported beside them; torch-cka (slow) and ckatorch run once. The load average before
     and after is recorded: other processes on the machine inflate every time, so read the ratios with it."""
     from featrec_grid.errors import UserError
