@@ -15,6 +15,8 @@ from featrec_grid.cka import (
     CKA,
     CKAWarning,
     HSICAccumulator,
+    SongTerms,
+    _hsic_from_terms,
     centered_gram,
     kernel_cka,
     linear_cka,
@@ -197,8 +199,14 @@ def test_all_pairs_unbiased_hsic_equals_per_pair_direct():
         [song_hsic(a, a) for a in g1.numpy()],
         [song_hsic(b, b) for b in g2.numpy()],
     )
-    for value, want in zip(unbiased_hsic_matrix(g1, g2), expected, strict=True):
-        np.testing.assert_allclose(value.numpy(), want, rtol=1e-10)
+    # from full Grams, and from terms on their strict lower triangles (`half`), as compare() holds them
+    def half(g: torch.Tensor) -> SongTerms:
+        off = g - torch.diag_embed(g.diagonal(dim1=-2, dim2=-1))
+        return SongTerms(off.tril().reshape(len(g), -1), off.sum(-1), off.sum((-2, -1)), True)
+
+    for got in (unbiased_hsic_matrix(g1, g2), _hsic_from_terms(half(g1), half(g2), 9)):
+        for value, want in zip(got, expected, strict=True):
+            np.testing.assert_allclose(value.numpy(), want, rtol=1e-10)
 
 
 def test_minibatch_accumulation_matches_direct_per_batch_hsic():
@@ -270,7 +278,7 @@ def test_cka_two_different_models_matches_direct_float64():
     m1, m2 = SmallCNN(6, seed=0), SmallCNN(5, seed=1, depth=3)
     layers1 = ["features.0", "features.1", "fc"]
     layers2 = ["features.2", "features.4", "pool", "fc"]
-    dl = loader(47, 12, seed=0)  # the last batch of 11: an odd fold (gram.fold_lower)
+    dl = loader(47, 12, seed=0)  # an odd last batch of 11
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning expected here
         cka = CKA(m1, m2, model1_layers=layers1, model2_layers=layers2)
